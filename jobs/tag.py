@@ -1,0 +1,54 @@
+"""Tag and embed audio files: `python -m jobs.tag --input PATH_OR_URI --output PATH_OR_URI`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP
+from pipeline.job import TagJobConfig, run_tag_job
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.tag", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True,
+                   help="directory (searched recursively for audio extensions), glob, or single file; "
+                        "local path or fsspec URI (s3://, gs://, az://, http(s)://)")
+    p.add_argument("--output", required=True,
+                   help="output root; Parquet goes to OUTPUT/clips/RUN_ID/ and OUTPUT/segments/RUN_ID/, "
+                        "the run summary to OUTPUT/_runs/RUN_ID.json")
+    p.add_argument("--ast-model", default=DEFAULT_AST, help="AST checkpoint: hub id or local directory")
+    p.add_argument("--clap-model", default=DEFAULT_CLAP, help="CLAP checkpoint: hub id or local directory")
+    p.add_argument("--top-k", type=int, default=5, help="labels kept per clip and per segment")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per model actor call")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="windows per forward pass; fixed and zero-padded so results never depend on batching")
+    p.add_argument("--hop", type=float, default=10.0, help="seconds between window starts (0 < hop <= 10)")
+    p.add_argument("--num-gpus", default="auto",
+                   help="GPU share per model actor: auto (0.5 when the cluster has GPUs, else CPU), 0, or F")
+    p.add_argument("--ast-actors", type=int, default=None, help="AST actor pool size (default from GPUs, else 1)")
+    p.add_argument("--clap-actors", type=int, default=None, help="CLAP actor pool size (default as AST)")
+    p.add_argument("--run-id", default=None, help="name of this run (default: UTC time plus random suffix)")
+    p.add_argument("--log-level", default="INFO", help="logging level")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    num_gpus = args.num_gpus if args.num_gpus == "auto" else float(args.num_gpus)
+    extra = {"run_id": args.run_id} if args.run_id else {}
+    cfg = TagJobConfig(input=args.input, output=args.output, ast_model=args.ast_model,
+                       clap_model=args.clap_model, top_k=args.top_k, batch_size=args.batch_size,
+                       micro_batch=args.micro_batch, hop_s=args.hop, num_gpus=num_gpus,
+                       ast_actors=args.ast_actors, clap_actors=args.clap_actors, **extra)
+    summary = run_tag_job(cfg)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0 if summary["succeeded"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

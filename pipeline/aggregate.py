@@ -1,0 +1,121 @@
+"""Stage 6, aggregation on the driver: window rows (after both models) -> segments and clips rows.
+
+Streaming: a file's state lives only until all its windows have arrived, so memory is bounded by
+the files in flight, not the corpus. Per file, scores are the max over windows, the AST embedding is
+the mean of window embeddings, and the CLAP embedding is the L2-normalised mean of window embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.arrow import fixed_list, to_matrix
+from schemas.tables import LABEL_TYPE
+
+log = logging.getLogger(__name__)
+
+FILE_COLUMNS = ("clip_id", "uri", "size_bytes", "modified", "etag", "duration_s", "sample_rate",
+                "channels", "decoder", "num_segments")
+
+
+def top_labels(scores: np.ndarray, names: list[str], k: int) -> list[dict]:
+    """The k best (label, score) pairs, highest first; ties keep label order."""
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [{"label": names[i], "score": float(scores[i])} for i in order]
+
+
+@dataclass
+class _Partial:
+    meta: dict
+    scores: np.ndarray
+    ast_sum: np.ndarray
+    clap_sum: np.ndarray
+    seen: int = 0
+
+
+@dataclass
+class ClipAggregator:
+    """Feed it window batches with `add`; it returns finished segments (a table) and clips (dicts)."""
+
+    label_names: list[str]
+    top_k: int
+    run_id: str
+    _partial: dict[str, _Partial] = field(default_factory=dict)
+
+    def add(self, batch: pa.Table) -> tuple[pa.Table, list[dict]]:
+        ok = np.asarray(pc.equal(batch.column("status"), "ok").fill_null(False))
+        clips = [self._error_clip(row) for row in batch.filter(pa.array(~ok)).to_pylist()]
+        windows = batch.filter(pa.array(ok))
+        scores = to_matrix(windows.column("scores"))
+        ast = to_matrix(windows.column("ast_embedding"))
+        clap = to_matrix(windows.column("clap_embedding"))
+        metas = windows.select(list(FILE_COLUMNS)).to_pylist()
+        for i, meta in enumerate(metas):
+            done = self._accumulate(meta, scores[i], ast[i], clap[i])
+            if done is not None:
+                clips.append(done)
+        return self._segments(windows, scores), clips
+
+    @property
+    def pending(self) -> int:
+        """Files with windows still outstanding."""
+        return len(self._partial)
+
+    def _accumulate(self, meta: dict, scores, ast, clap) -> dict | None:
+        p = self._partial.get(meta["clip_id"])
+        if p is None:
+            p = self._partial[meta["clip_id"]] = _Partial(meta, scores.copy(), ast.astype(np.float64),
+                                                          clap.astype(np.float64))
+        else:
+            np.maximum(p.scores, scores, out=p.scores)
+            p.ast_sum += ast
+            p.clap_sum += clap
+        p.seen += 1
+        if p.seen < meta["num_segments"]:
+            return None
+        del self._partial[meta["clip_id"]]
+        clap_mean = p.clap_sum / p.seen
+        clap_mean /= max(np.linalg.norm(clap_mean), 1e-12)
+        return {**p.meta, "status": "ok", "error": None,
+                "labels": top_labels(p.scores, self.label_names, self.top_k),
+                "scores": p.scores.astype(np.float32),
+                "ast_embedding": (p.ast_sum / p.seen).astype(np.float32),
+                "clap_embedding": clap_mean.astype(np.float32), "run_id": self.run_id}
+
+    def _error_clip(self, row: dict) -> dict:
+        error = row["error"] + (f" ({row['error_detail']})" if row.get("error_detail") else "")
+        meta = {k: row.get(k) for k in FILE_COLUMNS}
+        return {**meta, "num_segments": 0, "status": "error", "error": error, "labels": None,
+                "scores": None, "ast_embedding": None, "clap_embedding": None, "run_id": self.run_id}
+
+    def _segments(self, windows: pa.Table, scores: np.ndarray) -> pa.Table:
+        labels = [top_labels(s, self.label_names, self.top_k) for s in scores]
+        table = windows.select(["clip_id", "uri", "segment_index", "start_s", "end_s"])
+        table = table.append_column("labels", pa.array(labels, type=LABEL_TYPE))
+        for name in ("scores", "ast_embedding", "clap_embedding"):
+            table = table.append_column(name, windows.column(name))
+        return table.append_column("run_id", pa.array([self.run_id] * len(windows), pa.string()))
+
+
+def clips_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Clip dicts -> table of `schema`; every row must carry exactly the schema's keys."""
+    for row in rows:
+        if set(row) != set(schema.names):
+            raise ValueError(f"clip row keys {sorted(row)} differ from schema {schema.names}")
+    columns = {}
+    for f in schema:
+        values = [r[f.name] for r in rows]
+        if pa.types.is_fixed_size_list(f.type):
+            valid = np.array([v is not None for v in values], dtype=bool)
+            matrix = np.zeros((len(rows), f.type.list_size), np.float32)
+            if valid.any():
+                matrix[valid] = np.stack([v for v in values if v is not None])
+            columns[f.name] = fixed_list(matrix, valid)
+        else:
+            columns[f.name] = pa.array(values, type=f.type)
+    return pa.Table.from_pydict(columns, schema=schema)

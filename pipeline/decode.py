@@ -1,0 +1,126 @@
+"""Stage 2, decoding: bytes of one file -> mono float32 waveforms at the model rates.
+
+soundfile (libsndfile) first; PyAV (bundled FFmpeg) for what libsndfile cannot read (m4a, aac, ...).
+Channels are downmixed by mean, then resampled with soxr. Anything that is not usable audio raises
+`DecodeError` with a reason a person understands; the caller turns it into an error row.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+log = logging.getLogger(__name__)
+
+
+class DecodeError(Exception):
+    """The file is not usable audio; `reason` is meant for the output table and the summary."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Target rates in Hz; duration bounds in seconds (the minimum is one 25 ms AST frame)."""
+
+    rates: tuple[int, ...] = (16_000, 48_000)
+    min_duration_s: float = 0.025
+    max_duration_s: float = 6 * 3600.0
+    resample_quality: str = "HQ"
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Decoded audio: mono waveforms keyed by rate (Hz), plus what the source file declared."""
+
+    waves: dict[int, np.ndarray]
+    duration_s: float
+    source_rate: int
+    channels: int
+    decoder: str
+
+
+class Decoder:
+    """Callable: `Decoder(config)(data: bytes) -> Audio`, or raises DecodeError."""
+
+    def __init__(self, config: DecodeConfig = DecodeConfig()):
+        self.config = config
+
+    def __call__(self, data: bytes) -> Audio:
+        if not data:
+            raise DecodeError("empty file", "0 bytes")
+        samples, rate, decoder = _decode(data)
+        frames, channels = samples.shape
+        if rate <= 0 or rate > 1_536_000:
+            raise DecodeError("implausible sample rate", f"{rate} Hz")
+        if frames == 0:
+            raise DecodeError("no audio samples", "header only or zero-length stream")
+        duration_s = frames / rate
+        if duration_s < self.config.min_duration_s:
+            raise DecodeError("audio too short",
+                              f"{duration_s * 1000:.1f} ms, minimum {self.config.min_duration_s * 1000:.0f} ms")
+        if duration_s > self.config.max_duration_s:
+            raise DecodeError("audio too long", f"{duration_s / 3600:.2f} h, maximum "
+                              f"{self.config.max_duration_s / 3600:.2f} h")
+        if not np.isfinite(samples).all():
+            raise DecodeError("audio contains NaN or infinite sample values")
+        mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
+        waves = {r: self._resample(mono, rate, r) for r in self.config.rates}
+        return Audio(waves, duration_s, rate, channels, decoder)
+
+    def _resample(self, mono: np.ndarray, rate: int, target: int) -> np.ndarray:
+        if rate == target:
+            return np.ascontiguousarray(mono, dtype=np.float32)
+        out = soxr.resample(mono, rate, target, quality=self.config.resample_quality)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _decode(data: bytes) -> tuple[np.ndarray, int, str]:
+    """(frames, channels) float32 samples, rate in Hz, decoder name."""
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        return samples, int(rate), "soundfile"
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, EOFError) as sf_error:
+        try:
+            samples, rate = _decode_pyav(data)
+            return samples, rate, "pyav"
+        except DecodeError:
+            raise
+        except Exception as av_error:  # PyAV raises many FFmpeg error types; all mean "cannot decode"
+            raise DecodeError("not a decodable audio file",
+                              f"libsndfile: {_short(sf_error)}; ffmpeg: {_short(av_error)}") from av_error
+
+
+def _decode_pyav(data: bytes) -> tuple[np.ndarray, int]:
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        streams = container.streams.audio
+        if not streams:
+            raise DecodeError("no audio stream in file")
+        stream = streams[0]
+        rate = stream.codec_context.sample_rate or stream.rate
+        resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
+        chunks = []
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray())
+    if not chunks:
+        raise DecodeError("no audio samples", "header only or zero-length stream")
+    planar = np.concatenate(chunks, axis=1)
+    return np.ascontiguousarray(planar.T, dtype=np.float32), int(rate)
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:160]

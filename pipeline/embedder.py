@@ -1,0 +1,61 @@
+"""Stage 5b, CLAP embedding actor: window log-mels -> L2-normalised audio embeddings.
+
+Windows are at most 10 s, so `is_longer` is always False: no random fusion crops, and (unlike HF's
+extractor with fusion checkpoints) no randomly chosen "longer" clip per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline.arrow import blobs_to_array, fixed_list
+from pipeline.checkpoints import load_clap
+from pipeline.device import Placement, run_fixed_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """Checkpoint source; feature shape (channels, frames, mels); fixed micro-batch; CPU threads."""
+
+    source: str
+    feature_shape: tuple[int, int, int] = (1, 1001, 64)
+    micro_batch: int = 8
+    cpu_threads: int = 1
+
+
+class ClapEmbedder:
+    """Callable for `map_batches(batch_format="pyarrow")` on an actor pool.
+
+    Reads `clap_features`; adds `clap_embedding` (null on error rows); drops the features.
+    """
+
+    def __init__(self, config: EmbedderConfig):
+        self.config = config
+        self.placement = Placement.detect(config.cpu_threads)
+        self.model = load_clap(config.source).to(self.placement.device)
+        self.dim = self.model.config.projection_dim
+        log.info("CLAP %s loaded on %s", config.source, self.placement.device)
+
+    def _forward(self, features):
+        is_longer = torch.zeros((features.shape[0], 1), dtype=torch.bool, device=features.device)
+        out = self.model.get_audio_features(input_features=features, is_longer=is_longer)
+        return (out.pooler_output,)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = np.asarray(pc.equal(batch.column("status"), "ok").fill_null(False))
+        embeddings = np.zeros((len(batch), self.dim), np.float32)
+        if ok.any():
+            features = blobs_to_array(batch.column("clap_features").filter(pa.array(ok)),
+                                      self.config.feature_shape)
+            (embeddings[ok],) = run_fixed_batches(self._forward, features, self.config.micro_batch,
+                                                  self.placement)
+        batch = batch.drop_columns(["clap_features"])
+        return batch.append_column("clap_embedding", fixed_list(embeddings, ok))

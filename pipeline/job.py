@@ -1,0 +1,166 @@
+"""The tagging job: list -> featurize (CPU tasks) -> AST actors -> CLAP actors -> aggregate -> Parquet.
+
+`build_dataset` is the Ray Data chain; `run_tag_job` lists inputs, runs the chain, streams its output
+through the aggregator into the writers on the driver, and writes the run summary.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import secrets
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import ray
+
+import pipeline
+from pipeline.aggregate import ClipAggregator, clips_table
+from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names
+from pipeline.embedder import ClapEmbedder, EmbedderConfig
+from pipeline.features_ast import AstFbankConfig
+from pipeline.features_clap import ClapMelConfig
+from pipeline.featurize import Featurize, FeaturizeConfig
+from pipeline.resources import ResourcePlan, plan_resources
+from pipeline.sources import ListingConfig, list_inputs
+from pipeline.summary import RunSummary
+from pipeline.tagger import AstTagger, TaggerConfig
+from pipeline.windows import WindowConfig
+from pipeline.writer import PartWriter, check_writable
+from schemas import SCHEMA_VERSION, clips_schema, segments_schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TagJobConfig:
+    """Everything a tagging run needs; sizes in windows unless named otherwise."""
+
+    input: str
+    output: str
+    ast_model: str = DEFAULT_AST
+    clap_model: str = DEFAULT_CLAP
+    top_k: int = 5
+    batch_size: int = 32          # windows per model actor call
+    micro_batch: int = 8          # windows per forward pass (fixed shape: batch-independent results)
+    hop_s: float = 10.0
+    num_gpus: str | float = "auto"
+    ast_actors: int | None = None
+    clap_actors: int | None = None
+    windows_per_block: int = 16
+    rows_per_file: int = 20_000
+    run_id: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).strftime(
+        "%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3))
+
+
+@dataclass(frozen=True)
+class ModelStages:
+    """Configs derived from the checkpoints: feature settings and model actor settings."""
+
+    featurize: FeaturizeConfig
+    tagger: TaggerConfig
+    embedder: EmbedderConfig
+
+
+def model_stages(cfg: TagJobConfig, plan: ResourcePlan) -> ModelStages:
+    ast_fb = AstFbankConfig.from_pretrained(cfg.ast_model)
+    clap_mel = ClapMelConfig.from_pretrained(cfg.clap_model)
+    featurize = FeaturizeConfig(windows=WindowConfig(hop_s=cfg.hop_s), ast=ast_fb, clap=clap_mel,
+                                windows_per_block=cfg.windows_per_block)
+    tagger = TaggerConfig(cfg.ast_model, ast_fb.max_length, ast_fb.num_mel_bins, cfg.micro_batch,
+                          plan.cpu_threads)
+    embedder = EmbedderConfig(cfg.clap_model, (clap_mel.channels, clap_mel.num_frames, clap_mel.num_mel_bins),
+                              cfg.micro_batch, plan.cpu_threads)
+    return ModelStages(featurize, tagger, embedder)
+
+
+def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batch_size: int) -> ray.data.Dataset:
+    """The pipeline as one Ray Data chain over a table of input files."""
+    per_block = max(1, min(64, math.ceil(len(files) / 256)))
+    blocks = [files.slice(i, per_block) for i in range(0, len(files), per_block)]
+    return (
+        ray.data.from_arrow(blocks)
+        .map_batches(Featurize(stages.featurize), batch_format="pyarrow", batch_size=None, num_cpus=1)
+        .map_batches(AstTagger, fn_constructor_args=(stages.tagger,), batch_format="pyarrow",
+                     batch_size=batch_size, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
+                     compute=ray.data.ActorPoolStrategy(size=plan.ast_actors))
+        .map_batches(ClapEmbedder, fn_constructor_args=(stages.embedder,), batch_format="pyarrow",
+                     batch_size=batch_size, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
+                     compute=ray.data.ActorPoolStrategy(size=plan.clap_actors))
+    )
+
+
+def run_metadata(cfg: TagJobConfig, stages: ModelStages) -> dict:
+    """What produced the output: models, feature settings and their hash, versions."""
+    features = {"featurize": _jsonable(asdict(stages.featurize)), "micro_batch": cfg.micro_batch}
+    digest = hashlib.sha256(json.dumps(features, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "pipeline_version": pipeline.__version__, "schema_version": SCHEMA_VERSION, "run_id": cfg.run_id,
+        "models": {"ast": describe(cfg.ast_model).to_dict(), "clap": describe(cfg.clap_model).to_dict()},
+        "features": features, "settings_hash": digest, "top_k": cfg.top_k,
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else [_jsonable(v) for v in value]
+    return value
+
+
+def run_tag_job(cfg: TagJobConfig) -> dict:
+    """Run one tagging pass; returns the summary dict (also logged and saved under OUTPUT/_runs/)."""
+    check_writable(cfg.output)
+    if not ray.is_initialized():
+        ray.init()
+    summary = RunSummary(cfg.run_id)
+    plan = plan_resources(ray.cluster_resources(), cfg.num_gpus, cfg.ast_actors, cfg.clap_actors)
+    stages = model_stages(cfg, plan)
+    metadata = run_metadata(cfg, stages)
+    for name in ("ast", "clap"):
+        if metadata["models"][name]["untrained"]:
+            log.warning("%s checkpoint %s is UNTRAINED (random weights): its outputs carry no meaning",
+                        name.upper(), metadata["models"][name]["source"])
+    names = label_names(cfg.ast_model)
+    dims = (len(names), _hidden(cfg.ast_model), _projection(cfg.clap_model))
+    clips_out = PartWriter(cfg.output, "clips", cfg.run_id, clips_schema(*dims), metadata, cfg.rows_per_file)
+    segments_out = PartWriter(cfg.output, "segments", cfg.run_id, segments_schema(*dims), metadata,
+                              cfg.rows_per_file)
+    files = list_inputs(ListingConfig(cfg.input))
+    summary.files_seen = len(files)
+    aggregator = ClipAggregator(names, cfg.top_k, cfg.run_id)
+    if len(files):
+        for batch in build_dataset(files, stages, plan, cfg.batch_size).iter_batches(
+                batch_format="pyarrow", batch_size=None):
+            segments, clips = aggregator.add(batch)
+            segments_out.write(segments)
+            if clips:
+                clips_out.write(clips_table(clips, clips_out.schema))
+                for clip in clips:
+                    summary.count(clip)
+    if aggregator.pending:
+        raise RuntimeError(f"{aggregator.pending} files never received all their windows")
+    segments_out.flush()
+    clips_out.flush()
+    if clips_out.rows_written != len(files):
+        raise RuntimeError(f"wrote {clips_out.rows_written} clip rows for {len(files)} input files")
+    summary.finish()
+    summary.log()
+    log.info("summary written to %s", summary.save(cfg.output))
+    return summary.to_dict()
+
+
+def _hidden(source: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source).hidden_size
+
+
+def _projection(source: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source).projection_dim

@@ -1,0 +1,63 @@
+"""Stage 8, the run summary: counts, error reasons, audio hours, wall time, throughput."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    files_seen: int = 0
+    ok: int = 0
+    error: int = 0
+    errors_by_reason: Counter = field(default_factory=Counter)
+    segments: int = 0
+    audio_seconds: float = 0.0
+    started: float = field(default_factory=time.time)
+    wall_s: float = 0.0
+
+    def count(self, clip: dict) -> None:
+        if clip["status"] == "ok":
+            self.ok += 1
+            self.segments += clip["num_segments"]
+            self.audio_seconds += clip["duration_s"] or 0.0
+        else:
+            self.error += 1
+            self.errors_by_reason[clip["error"].split(" (", 1)[0]] += 1
+
+    def finish(self) -> None:
+        self.wall_s = time.time() - self.started
+
+    def to_dict(self) -> dict:
+        return {
+            "run_id": self.run_id, "files_seen": self.files_seen, "ok": self.ok, "error": self.error,
+            "errors_by_reason": dict(sorted(self.errors_by_reason.items())), "segments": self.segments,
+            "audio_hours": round(self.audio_seconds / 3600, 6), "wall_s": round(self.wall_s, 3),
+            "clips_per_s": round(self.files_seen / self.wall_s, 3) if self.wall_s else None,
+            "succeeded": self.ok + self.error == self.files_seen,
+        }
+
+    def log(self) -> None:
+        d = self.to_dict()
+        log.info("run %s: %d files, %d ok, %d error, %.3f h audio, %.1f s wall, %s clips/s",
+                 self.run_id, d["files_seen"], d["ok"], d["error"], d["audio_hours"], d["wall_s"],
+                 d["clips_per_s"])
+        for reason, n in d["errors_by_reason"].items():
+            log.info("  error %-50s %d", reason, n)
+
+    def save(self, output: str) -> str:
+        fs, root = fsspec.core.url_to_fs(output)
+        path = f"{root.rstrip('/')}/_runs/{self.run_id}.json"
+        fs.makedirs(f"{root.rstrip('/')}/_runs", exist_ok=True)
+        with fs.open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        return path

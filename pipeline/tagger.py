@@ -1,0 +1,64 @@
+"""Stage 5a, AST tagging actor: window fbanks -> sigmoid scores over the checkpoint's labels and the
+pooled embedding (mean of the CLS and distillation tokens after the final LayerNorm).
+
+AudioSet is multi-label, so scores are sigmoid(logits); HF's audio-classification pipeline defaults
+to softmax, which is wrong here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.arrow import blobs_to_array, fixed_list
+from pipeline.checkpoints import load_ast
+from pipeline.device import Placement, run_fixed_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaggerConfig:
+    """Checkpoint source; `micro_batch` windows per forward pass (fixed, padded); CPU threads."""
+
+    source: str
+    num_frames: int = 1024
+    num_mel_bins: int = 128
+    micro_batch: int = 8
+    cpu_threads: int = 1
+
+
+class AstTagger:
+    """Callable for `map_batches(batch_format="pyarrow")` on an actor pool.
+
+    Reads `ast_features`; adds `scores` and `ast_embedding` (null on error rows); drops the features.
+    """
+
+    def __init__(self, config: TaggerConfig):
+        self.config = config
+        self.placement = Placement.detect(config.cpu_threads)
+        self.model = load_ast(config.source).to(self.placement.device)
+        self.num_labels = self.model.config.num_labels
+        self.hidden = self.model.config.hidden_size
+        log.info("AST %s loaded on %s", config.source, self.placement.device)
+
+    def _forward(self, features):
+        pooled = self.model.audio_spectrogram_transformer(features).pooler_output
+        return self.model.classifier(pooled).sigmoid(), pooled
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = np.asarray(pc.equal(batch.column("status"), "ok").fill_null(False))
+        scores = np.zeros((len(batch), self.num_labels), np.float32)
+        pooled = np.zeros((len(batch), self.hidden), np.float32)
+        if ok.any():
+            shape = (self.config.num_frames, self.config.num_mel_bins)
+            features = blobs_to_array(batch.column("ast_features").filter(pa.array(ok)), shape)
+            scores[ok], pooled[ok] = run_fixed_batches(self._forward, features, self.config.micro_batch,
+                                                       self.placement)
+        batch = batch.drop_columns(["ast_features"])
+        batch = batch.append_column("scores", fixed_list(scores, ok))
+        return batch.append_column("ast_embedding", fixed_list(pooled, ok))

@@ -1,0 +1,73 @@
+"""Stage 7, writing: validated Parquet part files under OUTPUT/<table>/<run_id>/.
+
+Rows are buffered and written `rows_per_file` at a time. Each part is written under a name starting
+with "_" (which pyarrow, pandas and DuckDB's hive readers skip) and renamed when complete, so a reader
+never sees a half-written file. The schema is checked before every write (schemas.validate_table).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import validate_table
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = b"audio_tagging"
+
+
+class PartWriter:
+    """Buffered, schema-checked writer of one table's part files for one run."""
+
+    def __init__(self, output: str, table: str, run_id: str, schema: pa.Schema, metadata: dict,
+                 rows_per_file: int = 20_000):
+        self.fs, root = fsspec.core.url_to_fs(output)
+        self.directory = f"{root.rstrip('/')}/{table}/{run_id}"
+        self.schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+        self.rows_per_file = rows_per_file
+        self.rows_written = 0
+        self.files: list[str] = []
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+
+    def write(self, table: pa.Table) -> None:
+        if len(table):
+            validate_table(table, self.schema)
+            self._buffer.append(table)
+            self._buffered += len(table)
+        if self._buffered >= self.rows_per_file:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffered:
+            return
+        table = pa.concat_tables(self._buffer).replace_schema_metadata(self.schema.metadata)
+        validate_table(table, self.schema)
+        name = f"part-{len(self.files):05d}.parquet"
+        final, temp = f"{self.directory}/{name}", f"{self.directory}/_tmp-{name}"
+        self.fs.makedirs(self.directory, exist_ok=True)
+        with self.fs.open(temp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        self.fs.mv(temp, final)
+        self.files.append(final)
+        self.rows_written += len(table)
+        log.debug("wrote %d rows to %s", len(table), final)
+        self._buffer, self._buffered = [], 0
+
+
+def check_writable(output: str) -> None:
+    """Fail at start, not after an hour of compute, if OUTPUT cannot be written."""
+    fs, root = fsspec.core.url_to_fs(output)
+    probe = f"{root.rstrip('/')}/_write_probe"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except OSError as e:
+        raise PermissionError(f"output location {output!r} is not writable: {e}") from e
