@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,5 +123,9 @@ def _decode_pyav(data: bytes) -> tuple[np.ndarray, int]:
 
 
 def _short(error: BaseException) -> str:
+    """First line of a decoder's message without object addresses or errno noise."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"Error opening <[^>]*>: ", "", text)
+    text = re.sub(r"^\[Errno -?\d+\] ", "", text)
+    text = re.sub(r": '<none>'$", "", text)
     return text[:160]
