@@ -1,0 +1,71 @@
+"""Decoding real bytes: each kind of broken input gets a specific reason; odd but valid audio decodes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.decode import DecodeConfig, DecodeError, Decoder
+from pipeline.storage import read_bytes
+from tests.audio import broken_files, encode, signal
+
+BROKEN = broken_files()
+REASONS = {
+    "empty.wav": "empty file",
+    "random_bytes.wav": "not a decodable audio file",
+    "text_named.flac": "not a decodable audio file",
+    "header_only.wav": "no audio samples",
+    "zero_samples.wav": "no audio samples",
+    "nan_samples.wav": "audio contains NaN or infinite sample values",
+    "inf_samples.wav": "audio contains NaN or infinite sample values",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REASONS))
+def test_broken_input_has_a_reason(name):
+    with pytest.raises(DecodeError) as info:
+        Decoder()(BROKEN[name])
+    assert info.value.reason == REASONS[name]
+    assert "0x" not in str(info.value), "no object addresses in user-facing reasons"
+
+
+@pytest.mark.parametrize("name,decoder,seconds", [
+    ("m4a_named.wav", "pyav", 1.5), ("fifty_ms.wav", "soundfile", 0.05),
+    ("truncated.mp3", "soundfile", None), ("truncated_body.wav", "soundfile", None),
+])
+def test_damaged_but_decodable_input_gives_audio(name, decoder, seconds):
+    audio = Decoder()(BROKEN[name])
+    assert audio.decoder == decoder
+    assert audio.waves[16_000].dtype == np.float32 and np.isfinite(audio.waves[48_000]).all()
+    if seconds:
+        assert audio.duration_s == pytest.approx(seconds, abs=0.06)
+
+
+def test_stereo_is_downmixed_by_mean_and_resampled_to_both_rates():
+    samples = signal(1.0, 44_100, 2)
+    audio = Decoder(DecodeConfig(rates=(44_100, 16_000)))(encode(samples, 44_100, "WAV", "FLOAT"))
+    np.testing.assert_array_equal(audio.waves[44_100], samples.mean(axis=1, dtype=np.float32))
+    assert len(audio.waves[16_000]) == 16_000 and audio.channels == 2
+
+
+def test_too_short_and_too_long():
+    with pytest.raises(DecodeError, match="audio too short"):
+        Decoder()(encode(signal(0.01, 16_000), 16_000, "WAV"))
+    with pytest.raises(DecodeError, match="audio too long"):
+        Decoder(DecodeConfig(max_duration_s=1.0))(encode(signal(2.0, 16_000), 16_000, "WAV"))
+
+
+def test_storage_errors_are_reasons(tmp_path):
+    with pytest.raises(DecodeError, match="file not found"):
+        read_bytes(str(tmp_path / "vanished.wav"))
+    locked = tmp_path / "locked.wav"
+    locked.write_bytes(b"RIFF")
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads anything; the directory case still exercises the mapping
+        with pytest.raises(DecodeError, match="directory"):
+            read_bytes(str(tmp_path))
+    else:
+        with pytest.raises(DecodeError, match="permission denied"):
+            read_bytes(str(locked))

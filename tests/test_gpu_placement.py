@@ -1,0 +1,79 @@
+"""GPU placement without a GPU: on a Ray cluster whose node declares one GPU, the AST and CLAP actors
+take half a GPU each (both share it), and still compute correct results on CPU because CUDA is absent."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from pipeline.job import TagJobConfig, run_tag_job
+from pipeline.resources import plan_resources
+from pipeline.windows import sample_span
+from tests import reference as ref
+from tests.audio import encode, signal
+
+
+@pytest.fixture
+def gpu_cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2, num_gpus=1)
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_actors_share_one_gpu_and_fall_back_to_cpu(gpu_cluster, checkpoints, tmp_path):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    files = {f"clip{i}.wav": signal(2.0 + i, 16_000, seed=i) for i in range(3)}
+    for name, samples in files.items():
+        (corpus / name).write_bytes(encode(samples, 16_000, "WAV", "FLOAT"))
+    assert ray.cluster_resources()["GPU"] == 1
+
+    lowest = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            lowest.append(ray.available_resources().get("GPU", 0.0))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    cfg = TagJobConfig(input=str(corpus), output=str(tmp_path / "out"), ast_model=checkpoints["ast"],
+                       clap_model=checkpoints["clap"], run_id="gpu")
+    summary = run_tag_job(cfg)
+    stop.set()
+    watcher.join()
+
+    assert summary["ok"] == 3
+    assert min(lowest) == pytest.approx(0.0), "both actors should hold half the GPU at once"
+    clips = pd.read_parquet(tmp_path / "out" / "clips")
+    for row in clips.itertuples():
+        wave = files[row.uri.rsplit("/", 1)[-1]][:, 0]
+        _, pooled = ref.ast_reference(checkpoints["ast"], wave[sample_span(0, 10.24, 16_000)])
+        np.testing.assert_allclose(row.ast_embedding, pooled, atol=1e-4, rtol=0)
+        clap = ref.clap_reference(checkpoints["clap"], ref.resample(wave, 16_000, 48_000))
+        assert float(np.dot(row.clap_embedding, clap)) >= 0.9999
+
+
+def test_resource_plans():
+    gpu = plan_resources({"CPU": 16, "GPU": 4})
+    assert (gpu.ast_actors, gpu.clap_actors, gpu.gpus_per_actor, gpu.cpus_per_actor) == (4, 4, 0.5, 1.0)
+    one = plan_resources({"CPU": 8, "GPU": 1}, num_gpus=0.25)
+    assert (one.ast_actors, one.gpus_per_actor) == (2, 0.25)
+    cpu = plan_resources({"CPU": 16})
+    assert (cpu.ast_actors, cpu.gpus_per_actor, cpu.cpus_per_actor, cpu.cpu_threads) == (1, 0.0, 1.0, 1)
+    small = plan_resources({"CPU": 2})
+    assert small.cpus_per_actor * 2 <= 1.0, "one CPU must stay free for featurize tasks"
+    with pytest.raises(ValueError, match="has 0 GPUs"):
+        plan_resources({"CPU": 4}, num_gpus=0.5)
