@@ -73,3 +73,39 @@ def test_windows_cover_long_audio_deterministically():
     assert len(plan_windows(10.0)) == 1
     with pytest.raises(ValueError):
         WindowConfig(hop_s=12.0)
+
+
+def test_fusion_config_features_match_reference():
+    from transformers import ClapFeatureExtractor
+
+    hf = ClapFeatureExtractor(frequency_min=50, frequency_max=14_000, truncation="fusion")
+    mel = ClapMel(ClapMelConfig(truncation="fusion"))
+    wave = signal(3.0, 48_000, seed=7)[:, 0]
+    ours = mel([wave])[0]
+    theirs = hf(wave, sampling_rate=48_000, return_tensors="np")["input_features"][0]
+    assert ours.shape == theirs.shape == (4, 1001, 64)
+    np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=0)
+
+
+def test_hour_long_file_streams_features_in_bounded_blocks(tmp_path):
+    """An hour of audio: 360 windows, never more than `windows_per_block` windows' features at once."""
+    import pyarrow as pa
+
+    from pipeline.featurize import Featurize, FeaturizeConfig
+    from pipeline.sources import ListingConfig, list_inputs
+
+    rate, seconds = 8_000, 3600
+    t = np.arange(rate * seconds, dtype=np.float32) / rate
+    path = tmp_path / "hour.wav"
+    import soundfile as sf
+
+    sf.write(path, (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), rate, subtype="PCM_16")
+    del t
+    files = list_inputs(ListingConfig(str(path)))
+    sizes, indices = [], []
+    for block in Featurize(FeaturizeConfig(windows_per_block=16))(files):
+        assert isinstance(block, pa.Table)
+        sizes.append(len(block))
+        indices += block.column("segment_index").to_pylist()
+    assert max(sizes) <= 16 and sum(sizes) == 360
+    assert indices == list(range(360))
