@@ -18,8 +18,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="directory (searched recursively for audio extensions), glob, or single file; "
                         "local path or fsspec URI (s3://, gs://, az://, http(s)://)")
     p.add_argument("--output", required=True,
-                   help="output root; Parquet goes to OUTPUT/clips/RUN_ID/ and OUTPUT/segments/RUN_ID/, "
-                        "the run summary to OUTPUT/_runs/RUN_ID.json")
+                   help="output root; Parquet parts go to OUTPUT/clips/RUN_ID/ and OUTPUT/segments/RUN_ID/, "
+                        "the commit manifest to OUTPUT/_commits/RUN_ID.json, the summary to OUTPUT/_runs/")
     p.add_argument("--ast-model", default=DEFAULT_AST, help="AST checkpoint: hub id or local directory")
     p.add_argument("--clap-model", default=DEFAULT_CLAP, help="CLAP checkpoint: hub id or local directory")
     p.add_argument("--top-k", type=int, default=5, help="labels kept per clip and per segment")
@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GPU share per model actor: auto (0.5 when the cluster has GPUs, else CPU), 0, or F")
     p.add_argument("--ast-actors", type=int, default=None, help="AST actor pool size (default from GPUs, else 1)")
     p.add_argument("--clap-actors", type=int, default=None, help="CLAP actor pool size (default as AST)")
+    p.add_argument("--flush-every", type=float, default=60.0,
+                   help="seconds between part-file writes; bounds the work a killed run loses")
     p.add_argument("--run-id", default=None, help="name of this run (default: UTC time plus random suffix)")
     p.add_argument("--log-level", default="INFO", help="logging level")
     return p.parse_args(argv)
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
     cfg = TagJobConfig(input=args.input, output=args.output, ast_model=args.ast_model,
                        clap_model=args.clap_model, top_k=args.top_k, batch_size=args.batch_size,
                        micro_batch=args.micro_batch, hop_s=args.hop, num_gpus=num_gpus,
-                       ast_actors=args.ast_actors, clap_actors=args.clap_actors, **extra)
+                       ast_actors=args.ast_actors, clap_actors=args.clap_actors,
+                       flush_every_s=args.flush_every, **extra)
     summary = run_tag_job(cfg)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0 if summary["succeeded"] else 1

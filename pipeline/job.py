@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import secrets
+import time
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -19,6 +20,7 @@ import ray
 
 import pipeline
 from pipeline.aggregate import ClipAggregator, clips_table
+from pipeline.commits import IDENTITY, commit, done_files, orphan_parts
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names
 from pipeline.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.features_ast import AstFbankConfig
@@ -52,6 +54,7 @@ class TagJobConfig:
     clap_actors: int | None = None
     windows_per_block: int = 16
     rows_per_file: int = 20_000
+    flush_every_s: float = 60.0   # bounds the work a killed run loses
     run_id: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).strftime(
         "%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3))
 
@@ -94,14 +97,14 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
 
 
 def run_metadata(cfg: TagJobConfig, stages: ModelStages) -> dict:
-    """What produced the output: models, feature settings and their hash, versions."""
+    """What produced the output: models, feature settings, versions, and a hash of all that decides
+    the results (a rerun with another hash reprocesses every file)."""
     features = {"featurize": _jsonable(asdict(stages.featurize)), "micro_batch": cfg.micro_batch}
-    digest = hashlib.sha256(json.dumps(features, sort_keys=True).encode()).hexdigest()[:16]
-    return {
-        "pipeline_version": pipeline.__version__, "schema_version": SCHEMA_VERSION, "run_id": cfg.run_id,
-        "models": {"ast": describe(cfg.ast_model).to_dict(), "clap": describe(cfg.clap_model).to_dict()},
-        "features": features, "settings_hash": digest, "top_k": cfg.top_k,
-    }
+    models = {"ast": describe(cfg.ast_model).to_dict(), "clap": describe(cfg.clap_model).to_dict()}
+    settings = {"features": features, "models": models, "top_k": cfg.top_k, "schema": SCHEMA_VERSION}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return {"pipeline_version": pipeline.__version__, "schema_version": SCHEMA_VERSION, "run_id": cfg.run_id,
+            "models": models, "features": features, "settings_hash": digest, "top_k": cfg.top_k}
 
 
 def _jsonable(value):
@@ -113,7 +116,11 @@ def _jsonable(value):
 
 
 def run_tag_job(cfg: TagJobConfig) -> dict:
-    """Run one tagging pass; returns the summary dict (also logged and saved under OUTPUT/_runs/)."""
+    """Run one tagging pass; returns the summary dict (also logged and saved under OUTPUT/_runs/).
+
+    Files already tagged with the same models and settings (same clip_id, size, modified time and
+    etag in a committed run, or in a complete part of a run that died) are skipped.
+    """
     check_writable(cfg.output)
     if not ray.is_initialized():
         ray.init()
@@ -121,37 +128,69 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     plan = plan_resources(ray.cluster_resources(), cfg.num_gpus, cfg.ast_actors, cfg.clap_actors)
     stages = model_stages(cfg, plan)
     metadata = run_metadata(cfg, stages)
-    for name in ("ast", "clap"):
-        if metadata["models"][name]["untrained"]:
-            log.warning("%s checkpoint %s is UNTRAINED (random weights): its outputs carry no meaning",
-                        name.upper(), metadata["models"][name]["source"])
+    _warn_untrained(metadata)
+    listed = list_inputs(ListingConfig(cfg.input))
+    adopted = orphan_parts(cfg.output, metadata["settings_hash"])
+    files = _new_or_changed(listed, done_files(cfg.output, metadata["settings_hash"], adopted["clips"]))
+    summary.files_seen, summary.skipped_unchanged = len(listed), len(listed) - len(files)
+    summary.adopted_parts = sum(len(v) for v in adopted.values())
+    if not len(files):
+        log.info("nothing new to process: all %d listed files are unchanged since a committed run", len(listed))
+    writers = _tag(files, cfg, stages, plan, metadata, summary) if len(files) else {}
+    parts = {t: adopted[t] + (writers[t].files if writers else []) for t in adopted}
+    commit(cfg.output, cfg.run_id, metadata["settings_hash"], parts)
+    summary.finish()
+    summary.log()
+    log.info("summary written to %s", summary.save(cfg.output))
+    return summary.to_dict()
+
+
+def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: dict,
+         summary: RunSummary) -> dict[str, PartWriter]:
+    """Run the dataset over `files`, aggregate on the fly and write part files; returns the writers."""
     names = label_names(cfg.ast_model)
     dims = (len(names), _hidden(cfg.ast_model), _projection(cfg.clap_model))
     clips_out = PartWriter(cfg.output, "clips", cfg.run_id, clips_schema(*dims), metadata, cfg.rows_per_file)
     segments_out = PartWriter(cfg.output, "segments", cfg.run_id, segments_schema(*dims), metadata,
                               cfg.rows_per_file)
-    files = list_inputs(ListingConfig(cfg.input))
-    summary.files_seen = len(files)
     aggregator = ClipAggregator(names, cfg.top_k, cfg.run_id)
-    if len(files):
-        for batch in build_dataset(files, stages, plan, cfg.batch_size).iter_batches(
-                batch_format="pyarrow", batch_size=None):
-            segments, clips = aggregator.add(batch)
-            segments_out.write(segments)
-            if clips:
-                clips_out.write(clips_table(clips, clips_out.schema))
-                for clip in clips:
-                    summary.count(clip)
+    last_flush = time.monotonic()
+    for batch in build_dataset(files, stages, plan, cfg.batch_size).iter_batches(
+            batch_format="pyarrow", batch_size=None):
+        segments, clips = aggregator.add(batch)
+        segments_out.write(segments)
+        if clips:
+            clips_out.write(clips_table(clips, clips_out.schema))
+            for clip in clips:
+                summary.count(clip)
+        if time.monotonic() - last_flush > cfg.flush_every_s:
+            # segments first: a clip row in a complete part always has its windows in complete parts
+            segments_out.flush()
+            clips_out.flush()
+            last_flush = time.monotonic()
     if aggregator.pending:
         raise RuntimeError(f"{aggregator.pending} files never received all their windows")
     segments_out.flush()
     clips_out.flush()
     if clips_out.rows_written != len(files):
         raise RuntimeError(f"wrote {clips_out.rows_written} clip rows for {len(files)} input files")
-    summary.finish()
-    summary.log()
-    log.info("summary written to %s", summary.save(cfg.output))
-    return summary.to_dict()
+    return {"clips": clips_out, "segments": segments_out}
+
+
+def _new_or_changed(listed: pa.Table, done: pa.Table | None) -> pa.Table:
+    """Listed files whose (clip_id, size, modified, etag) is not among the done ones."""
+    if done is None or not len(listed):
+        return listed
+    seen = set(zip(*(done.column(c).to_pylist() for c in IDENTITY)))
+    keep = [key not in seen for key in zip(*(listed.column(c).to_pylist() for c in IDENTITY))]
+    return listed.filter(pa.array(keep, pa.bool_()))
+
+
+def _warn_untrained(metadata: dict) -> None:
+    for name in ("ast", "clap"):
+        if metadata["models"][name]["untrained"]:
+            log.warning("%s checkpoint %s is UNTRAINED (random weights): its outputs carry no meaning",
+                        name.upper(), metadata["models"][name]["source"])
 
 
 def _hidden(source: str) -> int:

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 class RunSummary:
     run_id: str
     files_seen: int = 0
+    skipped_unchanged: int = 0
+    adopted_parts: int = 0
     ok: int = 0
     error: int = 0
     errors_by_reason: Counter = field(default_factory=Counter)
@@ -39,18 +41,20 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         return {
-            "run_id": self.run_id, "files_seen": self.files_seen, "ok": self.ok, "error": self.error,
+            "run_id": self.run_id, "files_seen": self.files_seen, "skipped_unchanged": self.skipped_unchanged,
+            "processed": self.files_seen - self.skipped_unchanged, "adopted_parts": self.adopted_parts,
+            "ok": self.ok, "error": self.error,
             "errors_by_reason": dict(sorted(self.errors_by_reason.items())), "segments": self.segments,
             "audio_hours": round(self.audio_seconds / 3600, 6), "wall_s": round(self.wall_s, 3),
-            "clips_per_s": round(self.files_seen / self.wall_s, 3) if self.wall_s else None,
-            "succeeded": self.ok + self.error == self.files_seen,
+            "clips_per_s": round((self.ok + self.error) / self.wall_s, 3) if self.wall_s else None,
+            "succeeded": self.ok + self.error == self.files_seen - self.skipped_unchanged,
         }
 
     def log(self) -> None:
         d = self.to_dict()
-        log.info("run %s: %d files, %d ok, %d error, %.3f h audio, %.1f s wall, %s clips/s",
-                 self.run_id, d["files_seen"], d["ok"], d["error"], d["audio_hours"], d["wall_s"],
-                 d["clips_per_s"])
+        log.info("run %s: %d files listed, %d unchanged (skipped), %d ok, %d error, %.3f h audio, "
+                 "%.1f s wall, %s clips/s", self.run_id, d["files_seen"], d["skipped_unchanged"], d["ok"],
+                 d["error"], d["audio_hours"], d["wall_s"], d["clips_per_s"])
         for reason, n in d["errors_by_reason"].items():
             log.info("  error %-50s %d", reason, n)
 

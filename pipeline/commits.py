@@ -1,0 +1,136 @@
+"""Run commits and the "current table": what a reader should see, and what a rerun may skip.
+
+A run writes part files under OUTPUT/<table>/<run_id>/ as it goes, then commits by writing one
+manifest, OUTPUT/_commits/<run_id>.json, naming every part file it vouches for. Readers that go
+through `read_current` see committed parts only, so a run that died is invisible. A rerun adopts the
+complete part files of a dead run with the same settings (they were renamed into place only when
+complete), so the work done before the kill is not redone; each clip row appears in exactly one
+committed part of the current settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.writer import METADATA_KEY
+
+log = logging.getLogger(__name__)
+
+TABLES = ("clips", "segments")
+IDENTITY = ["clip_id", "size_bytes", "modified", "etag"]
+
+
+def _root(output: str):
+    fs, root = fsspec.core.url_to_fs(output)
+    return fs, root.rstrip("/")
+
+
+def read_commits(output: str) -> list[dict]:
+    """Committed manifests, oldest first."""
+    fs, root = _root(output)
+    paths = fs.glob(f"{root}/_commits/*.json")
+    commits = []
+    for path in paths:
+        with fs.open(path, "r") as f:
+            commits.append(json.load(f))
+    return sorted(commits, key=lambda c: (c["committed_at"], c["run_id"]))
+
+
+def commit(output: str, run_id: str, settings_hash: str, parts: dict[str, list[str]]) -> str:
+    """Write the run's manifest last, under a temporary name then renamed: the run is now visible."""
+    fs, root = _root(output)
+    relative = {t: sorted(_relative(root, p) for p in parts.get(t, [])) for t in TABLES}
+    manifest = {"run_id": run_id, "settings_hash": settings_hash, "committed_at": time.time(),
+                "parts": relative}
+    fs.makedirs(f"{root}/_commits", exist_ok=True)
+    final, temp = f"{root}/_commits/{run_id}.json", f"{root}/_commits/_tmp-{run_id}.json"
+    with fs.open(temp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    fs.mv(temp, final)
+    return final
+
+
+def _relative(root: str, path: str) -> str:
+    """Part paths in manifests are relative to OUTPUT, so the output can be moved or mirrored."""
+    return path[len(root) + 1:] if path.startswith(root + "/") else path
+
+
+def _committed_paths(output: str, commits: list[dict], table: str) -> list[str]:
+    _, root = _root(output)
+    return [f"{root}/{p}" for c in commits for p in c["parts"][table]]
+
+
+def orphan_parts(output: str, settings_hash: str) -> dict[str, list[str]]:
+    """Complete part files of runs that never committed, written with `settings_hash`."""
+    fs, root = _root(output)
+    commits = read_commits(output)
+    committed = {p for t in TABLES for p in _committed_paths(output, commits, t)}
+    found = {}
+    for table in TABLES:
+        paths = [p for p in fs.glob(f"{root}/{table}/*/part-*.parquet") if p not in committed]
+        found[table] = [p for p in paths if _settings_hash(fs, p) == settings_hash]
+    return found
+
+
+def _settings_hash(fs, path: str) -> str | None:
+    with fs.open(path, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    return json.loads(meta[METADATA_KEY]).get("settings_hash") if METADATA_KEY in meta else None
+
+
+def _read_parts(fs, paths: list[str], columns: list[str] | None = None) -> pa.Table | None:
+    tables = []
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns).replace_schema_metadata(None))
+    return pa.concat_tables(tables) if tables else None
+
+
+def done_files(output: str, settings_hash: str, extra_parts: list[str] = ()) -> pa.Table | None:
+    """IDENTITY columns of clip rows already produced with `settings_hash` (committed or adopted)."""
+    fs, _ = _root(output)
+    commits = [c for c in read_commits(output) if c["settings_hash"] == settings_hash]
+    return _read_parts(fs, _committed_paths(output, commits, "clips") + list(extra_parts), IDENTITY)
+
+
+def read_current(output: str, table: str = "clips", settings_hash: str | None = None) -> pa.Table:
+    """The latest committed row per clip (clips), or that row's windows (segments).
+
+    Only runs with the newest commit's settings (or `settings_hash`) count, so results of different
+    models or feature settings are never mixed.
+    """
+    commits = read_commits(output)
+    if not commits:
+        raise FileNotFoundError(f"no committed runs under {output}")
+    settings_hash = settings_hash or commits[-1]["settings_hash"]
+    commits = [c for c in commits if c["settings_hash"] == settings_hash]
+    fs, _ = _root(output)
+    ranked = []
+    for rank, c in enumerate(commits):  # a part's rank is that of the commit that vouches for it
+        part = _read_parts(fs, _committed_paths(output, [c], "clips"))
+        if part is not None:
+            ranked.append(part.append_column("_rank", pa.array(np.full(len(part), rank))))
+    if not ranked:
+        raise LookupError(f"no committed clip rows with settings {settings_hash} under {output}")
+    clips = pa.concat_tables(ranked).sort_by([("clip_id", "ascending"), ("_rank", "descending")])
+    ids = clips.column("clip_id").to_numpy(zero_copy_only=False)
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = ids[1:] != ids[:-1]
+    current = clips.filter(pa.array(first)).drop_columns(["_rank"])
+    if table == "clips":
+        return current
+    segments = _read_parts(fs, _committed_paths(output, commits, "segments"))
+    if segments is None:
+        raise LookupError(f"no committed segment rows with settings {settings_hash} under {output}")
+    keys = pc.binary_join_element_wise(current.column("clip_id"), current.column("run_id"), "/")
+    seg_keys = pc.binary_join_element_wise(segments.column("clip_id"), segments.column("run_id"), "/")
+    segments = segments.filter(pc.is_in(seg_keys, keys))
+    return segments.sort_by([("clip_id", "ascending"), ("segment_index", "ascending")])
