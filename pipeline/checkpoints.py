@@ -1,7 +1,7 @@
 """Loading the published checkpoints safely, and describing them for output metadata.
 
-A source is a hub id (`MIT/ast-finetuned-audioset-10-10-0.4593`) or a local directory written by
-`save_pretrained`. Weights load from safetensors only and remote code is never trusted.
+A source is a hub id (`MIT/ast-finetuned-audioset-10-10-0.4593`), a local directory written by
+`save_pretrained`, or such a directory in object storage (s3://, gs://, az://). Weights load from safetensors only and remote code is never trusted.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +33,55 @@ class ModelInfo:
         return {"source": self.source, "revision": self.revision, "untrained": self.untrained}
 
 
-def describe(source: str) -> ModelInfo:
-    """Identify a checkpoint without loading its weights."""
-    from transformers import AutoConfig
+def cache_dir() -> Path:
+    """Where checkpoints from object storage are kept, one copy per node ($AUDIO_TAGGING_CACHE)."""
+    return Path(os.environ.get("AUDIO_TAGGING_CACHE", Path.home() / ".cache" / "audio-tagging"))
 
-    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
-    if os.path.isdir(source):
-        revision = "sha256:" + _weights_digest(source)
-        untrained = os.path.exists(os.path.join(source, "UNTRAINED.txt"))
+
+def is_remote(source: str) -> bool:
+    return "://" in source and not source.startswith("file://")
+
+
+def resolve(source: str) -> str:
+    """A path from_pretrained can load: hub ids and local dirs as given; object-storage checkpoints
+    (s3://bucket/models/ast/) downloaded once per node, under a lock so that actors starting together
+    download once and never see a half-copied directory."""
+    if not is_remote(source):
+        return source
+    from filelock import FileLock
+
+    target = cache_dir() / "checkpoints" / hashlib.sha256(source.encode()).hexdigest()[:20]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / ".complete").exists():
+            fs, path = fsspec.core.url_to_fs(source)
+            partial = target.with_name(target.name + ".partial")
+            if partial.exists():
+                _remove_tree(partial)
+            partial.mkdir()
+            for remote in fs.find(path):
+                local = partial / remote[len(path.rstrip("/")) + 1:]
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(remote, str(local))
+            (partial / ".complete").write_text(source + "\n")
+            partial.rename(target)
+            log.info("downloaded checkpoint %s to %s", source, target)
+    return str(target)
+
+
+def _remove_tree(path: Path) -> None:
+    for child in sorted(path.rglob("*"), reverse=True):
+        child.rmdir() if child.is_dir() else child.unlink()
+    path.rmdir()
+
+
+def describe(source: str) -> ModelInfo:
+    """Identify a checkpoint (as named by the user) without loading its weights."""
+    local = resolve(source)
+    config = model_config(source)
+    if os.path.isdir(local):
+        revision = "sha256:" + _weights_digest(local)
+        untrained = os.path.exists(os.path.join(local, "UNTRAINED.txt"))
     else:
         revision = getattr(config, "_commit_hash", None) or "unknown"
         untrained = False
@@ -58,19 +102,24 @@ def load_ast(source: str):
     """ASTForAudioClassification in eval mode, on CPU."""
     from transformers import ASTForAudioClassification
 
-    return ASTForAudioClassification.from_pretrained(source, **SAFE_LOAD).eval()
+    return ASTForAudioClassification.from_pretrained(resolve(source), **SAFE_LOAD).eval()
 
 
 def load_clap(source: str):
     """ClapModel in eval mode, on CPU."""
     from transformers import ClapModel
 
-    return ClapModel.from_pretrained(source, **SAFE_LOAD).eval()
+    return ClapModel.from_pretrained(resolve(source), **SAFE_LOAD).eval()
+
+
+def model_config(source: str):
+    """The checkpoint's transformers config (no weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve(source), trust_remote_code=False)
 
 
 def label_names(source: str) -> list[str]:
     """AST label names in logit order, from the checkpoint's config.id2label."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    config = model_config(source)
     return [config.id2label[i] for i in range(config.num_labels)]

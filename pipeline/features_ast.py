@@ -31,7 +31,9 @@ class AstFbankConfig:
         """Read the checkpoint's preprocessor config (hub id or local directory)."""
         from transformers import ASTFeatureExtractor
 
-        fe = ASTFeatureExtractor.from_pretrained(source)
+        from pipeline.checkpoints import resolve
+
+        fe = ASTFeatureExtractor.from_pretrained(resolve(source))
         return cls(sample_rate=fe.sampling_rate, num_mel_bins=fe.num_mel_bins, max_length=fe.max_length,
                    mean=float(fe.mean), std=float(fe.std), do_normalize=bool(fe.do_normalize))
 

@@ -32,7 +32,9 @@ class ClapMelConfig:
         """Read the checkpoint's preprocessor config (hub id or local directory)."""
         from transformers import ClapFeatureExtractor
 
-        fe = ClapFeatureExtractor.from_pretrained(source)
+        from pipeline.checkpoints import resolve
+
+        fe = ClapFeatureExtractor.from_pretrained(resolve(source))
         return cls(sample_rate=fe.sampling_rate, num_mel_bins=fe.feature_size,
                    fft_window_size=fe.fft_window_size, hop_length=fe.hop_length,
                    frequency_min=float(fe.frequency_min), frequency_max=float(fe.frequency_max),

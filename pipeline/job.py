@@ -21,7 +21,7 @@ import ray
 import pipeline
 from pipeline.aggregate import ClipAggregator, clips_table
 from pipeline.commits import IDENTITY, commit, done_files, orphan_parts
-from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names
+from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
 from pipeline.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.features_ast import AstFbankConfig
 from pipeline.features_clap import ClapMelConfig
@@ -194,12 +194,8 @@ def _warn_untrained(metadata: dict) -> None:
 
 
 def _hidden(source: str) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(source).hidden_size
+    return model_config(source).hidden_size
 
 
 def _projection(source: str) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(source).projection_dim
+    return model_config(source).projection_dim

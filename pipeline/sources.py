@@ -1,7 +1,8 @@
 """Stage 1, listing: find the input audio files with their size and modification time.
 
 Runs on the driver through fsspec, so a local path, a glob, or an s3://, gs://, az:// or http(s)://
-URI are listed the same way. Each file gets a stable `clip_id` derived from its URI.
+URI are listed the same way. A manifest (.parquet, .csv or .txt listing URIs, as dataset curators
+keep them) names the files instead. Each file gets a stable `clip_id` derived from its URI.
 """
 
 from __future__ import annotations
@@ -9,13 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
+MANIFEST_EXTENSIONS = frozenset({"parquet", "csv", "txt"})
 AUDIO_EXTENSIONS = frozenset({
     "wav", "wave", "flac", "mp3", "ogg", "oga", "opus", "m4a", "aac", "mp4", "wma", "aif", "aiff",
     "aifc", "au", "snd", "caf", "webm", "mka", "w64", "rf64",
@@ -47,6 +52,8 @@ def list_inputs(config: ListingConfig) -> pa.Table:
     taken as given, whatever its extension (the decoder decides whether it is audio).
     """
     fs, path = fsspec.core.url_to_fs(config.input)
+    if _extension(path) in MANIFEST_EXTENSIONS and not fsspec.core.has_magic(path):
+        return list_manifest(config.input)
     if fsspec.core.has_magic(path):
         infos = fs.glob(path, detail=True)
         infos = {p: i for p, i in infos.items() if i.get("type") != "directory"}
@@ -92,3 +99,51 @@ def _modified(info: dict) -> str | None:
     if isinstance(value, dt.datetime):
         return value.astimezone(dt.timezone.utc).isoformat()
     return str(value)
+
+
+def list_manifest(manifest: str, threads: int = 32) -> pa.Table:
+    """Files named by a manifest: a `uri` (or `path`) column in Parquet/CSV, or one URI per line.
+
+    Sizes and times come from the manifest when it has `size_bytes`/`modified`/`etag` columns, else from
+    storage (in parallel). A listed file that cannot be found keeps its row, with no size, and becomes
+    an error row ("file not found") instead of vanishing.
+    """
+    table = _read_manifest(manifest)
+    uris = [u.strip() for u in table.column("uri").to_pylist() if u and u.strip()]
+    given = {c: table.column(c).to_pylist() for c in ("size_bytes", "modified", "etag") if c in table.column_names}
+    if given.keys() >= {"size_bytes", "modified"}:
+        rows = [{"clip_id": clip_id_for(u), "uri": u, "size_bytes": given["size_bytes"][i],
+                 "modified": given["modified"][i], "etag": given.get("etag", [None] * len(uris))[i]}
+                for i, u in enumerate(uris)]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            rows = list(pool.map(_stat, uris))
+    log.info("manifest %s lists %d files", manifest, len(rows))
+    return pa.Table.from_pylist(rows, schema=FILE_SCHEMA)
+
+
+def _read_manifest(manifest: str) -> pa.Table:
+    ext = _extension(manifest)
+    with fsspec.open(manifest, "rb") as f:
+        if ext == "parquet":
+            table = pq.read_table(f)
+        elif ext == "csv":
+            table = pacsv.read_csv(f)
+        else:
+            lines = [line.strip() for line in f.read().decode("utf-8").splitlines()]
+            table = pa.table({"uri": [line for line in lines if line and not line.startswith("#")]})
+    if "uri" not in table.column_names and "path" in table.column_names:
+        table = table.rename_columns(["uri" if c == "path" else c for c in table.column_names])
+    if "uri" not in table.column_names:
+        raise ValueError(f"manifest {manifest} needs a 'uri' or 'path' column, has {table.column_names}")
+    return table
+
+
+def _stat(uri: str) -> dict:
+    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        info = fs.info(path)
+    except OSError:  # not found, denied, ...: the read will fail with the specific reason
+        return {"clip_id": clip_id_for(uri), "uri": uri, "size_bytes": None, "modified": None, "etag": None}
+    row = _row(fs, path, info)
+    return {**row, "uri": uri, "clip_id": clip_id_for(uri)}

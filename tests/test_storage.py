@@ -1,0 +1,108 @@
+"""Object storage through a real S3-protocol server (moto) behind a proxy that fails requests:
+inputs, manifests, checkpoints and outputs in the bucket; retries; a file that never reads is a row."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import fsspec
+import pytest
+import ray
+
+from pipeline.checkpoints import resolve
+from pipeline.commits import read_current
+from pipeline.job import TagJobConfig, run_tag_job
+from tests.audio import broken_files, encode, signal
+from tests.s3 import FlakyProxy, MotoS3
+
+BUCKET = "tagging"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory, checkpoints):
+    """moto behind a flaky proxy; env points every S3 client (driver and Ray workers) at the proxy."""
+    if ray.is_initialized():
+        ray.shutdown()
+    saved = dict(os.environ)
+    with MotoS3() as moto, FlakyProxy(moto.port, prefix=f"/{BUCKET}/audio/") as proxy:
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                          AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=proxy.endpoint,
+                          AWS_MAX_ATTEMPTS="2",
+                          AUDIO_TAGGING_CACHE=str(tmp_path_factory.mktemp("cache")))
+        fs = fsspec.filesystem("s3")
+        fs.mkdir(BUCKET)
+        for name in ("ast", "clap"):
+            fs.put(checkpoints[name], f"{BUCKET}/models/{name}", recursive=True)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        yield fs, proxy
+        ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _upload(fs, files: dict[str, bytes], prefix: str) -> None:
+    for name, data in files.items():
+        with fs.open(f"{BUCKET}/{prefix}/{name}", "wb") as f:
+            f.write(data)
+
+
+def test_job_reads_and_writes_s3_with_retries(s3):
+    fs, proxy = s3
+    good = {f"clip{i}.flac": encode(signal(1.5 + i, 22_050, 2, seed=i), 22_050, "FLAC") for i in range(4)}
+    _upload(fs, {**good, "cursed.wav": encode(signal(1.0, 16_000), 16_000, "WAV"),
+                 "empty.wav": broken_files()["empty.wav"]}, "audio/run1")
+    cfg = TagJobConfig(input=f"s3://{BUCKET}/audio/run1/", output=f"s3://{BUCKET}/out",
+                       ast_model=f"s3://{BUCKET}/models/ast", clap_model=f"s3://{BUCKET}/models/clap",
+                       run_id="s3-a")
+    summary = run_tag_job(cfg)
+    assert (summary["files_seen"], summary["ok"], summary["error"]) == (6, 4, 2)
+
+    clips = read_current(f"s3://{BUCKET}/out").to_pandas().set_index("uri")
+    assert len(clips) == 6 and set(clips[clips.status == "ok"].index) == {
+        f"s3://{BUCKET}/audio/run1/{n}" for n in good}
+    cursed = clips.loc[f"s3://{BUCKET}/audio/run1/cursed.wav"]
+    assert cursed.status == "error" and cursed.error.startswith("storage error reading file")
+    assert "SlowDown" in cursed.error or "503" in cursed.error or "reduce your request rate" in cursed.error
+    for name in good:  # every good file was refused at first and read on a retry
+        assert proxy.failed[f"/{BUCKET}/audio/run1/{name}"] >= 1
+    assert clips.loc[f"s3://{BUCKET}/audio/run1/empty.wav"].error.startswith("empty file")
+    assert fs.exists(f"{BUCKET}/out/_commits/s3-a.json") and fs.exists(f"{BUCKET}/out/_runs/s3-a.json")
+    assert not fs.glob(f"{BUCKET}/out/clips/s3-a/_tmp*")
+
+    rerun = run_tag_job(TagJobConfig(**{**cfg.__dict__, "run_id": "s3-b"}))
+    assert rerun["processed"] == 0 and rerun["skipped_unchanged"] == 6
+
+
+def test_manifest_lists_files_and_missing_ones_become_rows(s3, tmp_path):
+    fs, _ = s3
+    _upload(fs, {"a.wav": encode(signal(1.0, 16_000), 16_000, "WAV"),
+                 "b.ogg": encode(signal(2.0, 44_100), 44_100, "OGG")}, "curated")
+    manifest = "\n".join([f"s3://{BUCKET}/curated/a.wav", f"s3://{BUCKET}/curated/b.ogg",
+                          f"s3://{BUCKET}/curated/missing.wav", "# comment"]) + "\n"
+    with fs.open(f"{BUCKET}/lists/set1.txt", "w") as f:
+        f.write(manifest)
+    summary = run_tag_job(TagJobConfig(
+        input=f"s3://{BUCKET}/lists/set1.txt", output=str(tmp_path / "out"),
+        ast_model=f"s3://{BUCKET}/models/ast", clap_model=f"s3://{BUCKET}/models/clap", run_id="m1"))
+    assert (summary["files_seen"], summary["ok"], summary["error"]) == (3, 2, 1)
+    clips = read_current(str(tmp_path / "out")).to_pandas().set_index("uri")
+    assert clips.loc[f"s3://{BUCKET}/curated/missing.wav"].error.startswith("file not found")
+
+
+def _resolve_in_process(source: str) -> str:
+    return resolve(source)
+
+
+def test_checkpoint_downloads_once_per_node_under_concurrency(s3, tmp_path):
+    fs, proxy = s3
+    fs.put(str(Path(resolve(f"s3://{BUCKET}/models/ast"))), f"{BUCKET}/models/ast-copy", recursive=True)
+    os.environ["AUDIO_TAGGING_CACHE"] = str(tmp_path / "fresh-cache")
+    before = {k: v for k, v in proxy.gets.items() if "/models/ast-copy/" in k}
+    with ProcessPoolExecutor(4) as pool:
+        paths = list(pool.map(_resolve_in_process, [f"s3://{BUCKET}/models/ast-copy"] * 4))
+    assert len(set(paths)) == 1 and (Path(paths[0]) / "model.safetensors").exists()
+    after = {k: v for k, v in proxy.gets.items() if "/models/ast-copy/" in k}
+    downloaded = {k: after[k] - before.get(k, 0) for k in after}
+    assert downloaded and all(n == 1 for n in downloaded.values()), downloaded
