@@ -1,0 +1,81 @@
+"""`ray job submit` against a real local head (started on loopback by the test, stopped after)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from pipeline.commits import read_current
+from tests.audio import encode, signal as make_signal
+from tests.s3 import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A Ray head on 127.0.0.1 in its own process group; killing the group stops exactly this head
+    (never `ray stop`, which would stop every Ray on the machine)."""
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise RuntimeError("ray head did not start: " + proc.stdout.read().decode()[-2000:])
+            time.sleep(1)
+    yield address, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_submitted_job_succeeds_and_writes_output(head, checkpoints, tmp_path):
+    address, env = head
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.wav").write_bytes(encode(make_signal(1.0 + i, 16_000, seed=i), 16_000, "WAV"))
+    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "tag-nightly-1",
+              "--working-dir", str(REPO), "--no-wait", "--",
+              "python", "-m", "jobs.tag", "--input", str(corpus), "--output", str(out),
+              "--ast-model", checkpoints["ast"], "--clap-model", checkpoints["clap"], "--run-id", "submitted"]
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    client = JobSubmissionClient(address)
+    deadline = time.time() + 600
+    while (status := client.get_job_status("tag-nightly-1")) not in JobStatus.TERMINAL_STATUS_SET:
+        assert time.time() < deadline, "job did not finish"
+        time.sleep(2)
+    logs = client.get_job_logs("tag-nightly-1")
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    summary = json.loads(logs.strip().splitlines()[-1])
+    assert summary["ok"] == 3 and summary["succeeded"]
+    assert len(read_current(str(out))) == 3
+
+    again = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0, "a reused submission id must be refused (no double scheduled run)"
