@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,19 +24,27 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
-def head(tmp_path):
+def head():
     """A Ray head on 127.0.0.1 in its own process group; killing the group stops exactly this head
     (never `ray stop`, which would stop every Ray on the machine)."""
     port, dash = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+         f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
+
+    def stop():
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        # head services that left the process group still name our private temp dir
+        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
+
     deadline = time.time() + 120
     while True:
         try:
@@ -42,15 +52,12 @@ def head(tmp_path):
             break
         except Exception:
             if time.time() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError("ray head did not start: " + proc.stdout.read().decode()[-2000:])
+                output = proc.stdout.read().decode()[-2000:] if proc.poll() is not None else ""
+                stop()
+                raise RuntimeError("ray head did not start: " + output)
             time.sleep(1)
     yield address, env
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop()
 
 
 def test_submitted_job_succeeds_and_writes_output(head, checkpoints, tmp_path):
@@ -63,12 +70,17 @@ def test_submitted_job_succeeds_and_writes_output(head, checkpoints, tmp_path):
               "--working-dir", str(REPO), "--no-wait", "--",
               "python", "-m", "jobs.tag", "--input", str(corpus), "--output", str(out),
               "--ast-model", checkpoints["ast"], "--clap-model", checkpoints["clap"], "--run-id", "submitted"]
-    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+    deadline = time.time() + 120
+    while True:  # the head answers before its job agent has registered
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0 or "No available agent" not in done.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert done.returncode == 0, done.stderr[-3000:]
 
     client = JobSubmissionClient(address)
     deadline = time.time() + 600
-    while (status := client.get_job_status("tag-nightly-1")) not in JobStatus.TERMINAL_STATUS_SET:
+    while (status := client.get_job_status("tag-nightly-1")) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.time() < deadline, "job did not finish"
         time.sleep(2)
     logs = client.get_job_logs("tag-nightly-1")
