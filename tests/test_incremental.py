@@ -4,6 +4,7 @@ reprocess, a killed driver or worker loses nothing and the rerun does not redo f
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -118,6 +119,7 @@ def test_killed_driver_then_rerun_gives_every_file_once(checkpoints, tmp_path):
     stdout, stderr = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, stderr.decode()[-3000:]
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    logging.getLogger(__name__).info("rerun after kill: %s", summary)
     assert summary["skipped_unchanged"] >= 2 and summary["adopted_parts"] >= 2
     assert summary["processed"] + summary["skipped_unchanged"] == 40
     current = read_current(str(out)).to_pandas()

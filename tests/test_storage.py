@@ -106,3 +106,32 @@ def test_checkpoint_downloads_once_per_node_under_concurrency(s3, tmp_path):
     after = {k: v for k, v in proxy.gets.items() if "/models/ast-copy/" in k}
     downloaded = {k: after[k] - before.get(k, 0) for k in after}
     assert downloaded and all(n == 1 for n in downloaded.values()), downloaded
+
+
+def test_http_inputs_through_a_manifest(checkpoints, tmp_path, local_ray):
+    """Real HTTP: files served by a loopback web server, named by a CSV manifest."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "a.flac").write_bytes(encode(signal(2.0, 32_000, seed=1), 32_000, "FLAC"))
+    (served / "b.wav").write_bytes(encode(signal(1.0, 11_025, 2, seed=2), 11_025, "WAV"))
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        manifest = tmp_path / "list.csv"
+        manifest.write_text(f"uri,label\n{base}/a.flac,x\n{base}/b.wav,y\n{base}/gone.wav,z\n")
+        summary = run_tag_job(TagJobConfig(input=str(manifest), output=str(tmp_path / "out"),
+                                           ast_model=checkpoints["ast"], clap_model=checkpoints["clap"],
+                                           run_id="http"))
+    finally:
+        server.shutdown()
+    assert (summary["files_seen"], summary["ok"], summary["error"]) == (3, 2, 1)
+    clips = read_current(str(tmp_path / "out")).to_pandas().set_index("uri")
+    assert clips.loc[f"{base}/b.wav"].channels == 2 and clips.loc[f"{base}/a.flac"].sample_rate == 32_000
+    assert clips.loc[f"{base}/gone.wav"].error.startswith("file not found")
