@@ -49,13 +49,17 @@ class ClapEmbedder:
         out = self.model.get_audio_features(input_features=features, is_longer=is_longer)
         return (out.pooler_output,)
 
+    def embed(self, features: np.ndarray) -> np.ndarray:
+        """(N, channels, frames, mels) log-mels -> (N, dim) normalised embeddings."""
+        (embeddings,) = run_fixed_batches(self._forward, features, self.config.micro_batch, self.placement)
+        return embeddings
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.asarray(pc.equal(batch.column("status"), "ok").fill_null(False))
         embeddings = np.zeros((len(batch), self.dim), np.float32)
         if ok.any():
             features = blobs_to_array(batch.column("clap_features").filter(pa.array(ok)),
                                       self.config.feature_shape)
-            (embeddings[ok],) = run_fixed_batches(self._forward, features, self.config.micro_batch,
-                                                  self.placement)
+            embeddings[ok] = self.embed(features)
         batch = batch.drop_columns(["clap_features"])
         return batch.append_column("clap_embedding", fixed_list(embeddings, ok))

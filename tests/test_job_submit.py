@@ -35,7 +35,11 @@ def head():
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}"],
+         f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}",
+         # every agent port of its own: another Ray on this machine (the suite's) holds the defaults
+         *(f"--{name}={free_port()}" for name in (
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port"))],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
 
@@ -85,7 +89,7 @@ def test_submitted_job_succeeds_and_writes_output(head, checkpoints, tmp_path):
         time.sleep(2)
     logs = client.get_job_logs("tag-nightly-1")
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    summary = json.loads(logs.strip().splitlines()[-1])
+    summary = json.loads([line for line in logs.splitlines() if line.startswith('{"run_id"')][-1])
     assert summary["ok"] == 3 and summary["succeeded"]
     assert len(read_current(str(out))) == 3
 

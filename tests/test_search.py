@@ -1,0 +1,170 @@
+"""Search over real job output (tiny CLAP): exact = brute force, text queries = HF ClapModel ranked by
+hand, filters keep k, audio and more-like-this, zero-shot, duplicates, incremental index updates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer, ClapModel
+
+from pipeline.commits import read_current
+from pipeline.index import build_index
+from pipeline.job import TagJobConfig, run_tag_job
+from pipeline.search import Filters, Searcher, SearchError
+from tests.audio import encode, signal
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory, checkpoints, local_ray):
+    corpus = tmp_path_factory.mktemp("search-corpus")
+    out = tmp_path_factory.mktemp("search-out")
+    for i in range(10):
+        seconds = 25.0 if i % 4 == 0 else 2.0 + i
+        sub = corpus / ("a" if i % 2 else "b")
+        sub.mkdir(exist_ok=True)
+        (sub / f"clip{i}.wav").write_bytes(encode(signal(seconds, 16_000, seed=i), 16_000, "WAV", "FLOAT"))
+    (corpus / "b" / "copy_of_clip1.wav").write_bytes((corpus / "a" / "clip1.wav").read_bytes())
+    run_tag_job(TagJobConfig(input=str(corpus), output=str(out), ast_model=checkpoints["ast"],
+                             clap_model=checkpoints["clap"], run_id="s1"))
+    build_index(str(out))
+    return corpus, out
+
+
+def _brute(out: Path):
+    segs = read_current(str(out), "segments").to_pandas()
+    return segs, np.stack(segs.clap_embedding.to_numpy())
+
+
+def test_exact_search_equals_brute_force(tagged):
+    _, out = tagged
+    searcher = Searcher(str(out), exact=True)
+    segs, matrix = _brute(out)
+    q = matrix[3] + 0.1 * np.random.default_rng(0).standard_normal(matrix.shape[1]).astype(np.float32)
+    q /= np.linalg.norm(q)
+    hits = searcher.vector(q, 5, segments=True)
+    expected = np.argsort(-(matrix @ q), kind="stable")[:5]
+    assert [(h.clip_id, h.start_s) for h in hits] == list(zip(segs.clip_id.iloc[expected], segs.start_s.iloc[expected]))
+    np.testing.assert_allclose([h.score for h in hits], (matrix @ q)[expected], rtol=0, atol=1e-5)
+
+    clip_hits = searcher.vector(q, 4)
+    best = segs.assign(score=matrix @ q).sort_values("score", ascending=False).drop_duplicates("clip_id")
+    assert [h.clip_id for h in clip_hits] == list(best.clip_id[:4])
+    assert len({h.clip_id for h in clip_hits}) == 4
+
+
+def test_text_query_matches_hf_clap_ranked_by_hand(tagged, checkpoints):
+    _, out = tagged
+    hits = Searcher(str(out)).text("dog barking in the rain", k=5, segments=True)
+    model = ClapModel.from_pretrained(checkpoints["clap"]).eval()
+    tok = AutoTokenizer.from_pretrained(checkpoints["clap"])
+    with torch.inference_mode():
+        t = model.get_text_features(**tok(["dog barking in the rain"], return_tensors="pt")).pooler_output[0].numpy()
+    segs, matrix = _brute(out)
+    order = np.argsort(-(matrix @ t), kind="stable")[:5]
+    assert [(h.clip_id, h.start_s) for h in hits] == list(zip(segs.clip_id.iloc[order], segs.start_s.iloc[order]))
+
+
+def test_filters_keep_k_results(tagged):
+    _, out = tagged
+    searcher = Searcher(str(out), exact=True)
+    clips = read_current(str(out)).to_pandas()
+    q = np.stack(clips.clap_embedding)[0]
+    long_ids = set(clips[clips.duration_s >= 8].clip_id)
+    hits = searcher.vector(q, 3, Filters(min_duration_s=8))
+    assert len(hits) == 3 and {h.clip_id for h in hits} <= long_ids
+    a_ids = {c for c, u in zip(clips.clip_id, clips.uri) if "/a/" in u}
+    prefix = str(Path(clips.uri[clips.uri.str.contains("/a/")].iloc[0]).parent)
+    hits = searcher.vector(q, 10, Filters(uri_prefix=prefix))
+    assert {h.clip_id for h in hits} == a_ids
+    label = searcher.labels[0]
+    scores = np.stack(read_current(str(out), "segments").to_pandas().scores)[:, 0]
+    threshold = float(np.sort(scores)[len(scores) // 2])
+    hits = searcher.vector(q, 50, Filters(label=label, min_score=threshold), segments=True)
+    assert len(hits) == int((scores >= threshold).sum()) and all(h.start_s is not None for h in hits)
+    with pytest.raises(SearchError, match="unknown label"):
+        searcher.vector(q, 3, Filters(label="Not A Label"))
+
+
+def test_audio_query_and_more_like_this(tagged):
+    corpus, out = tagged
+    searcher = Searcher(str(out))
+    hits = searcher.audio((corpus / "a" / "clip3.wav").read_bytes(), k=3)
+    assert hits[0].uri == str(corpus / "a" / "clip3.wav") and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    like = searcher.like(hits[0].clip_id, k=3)
+    assert hits[0].clip_id not in {h.clip_id for h in like} and len(like) == 3
+    with pytest.raises(SearchError, match="unknown clip_id"):
+        searcher.like("nope")
+
+
+def test_zero_shot_and_duplicates(tagged):
+    corpus, out = tagged
+    searcher = Searcher(str(out), exact=True)
+    rows = searcher.zero_shot(["dog", "rain", "siren"], top=3)
+    assert len(rows) == 11 and all(abs(sum(d["score"] for d in r["labels"]) - 1) < 1e-5 for r in rows)
+    text = searcher.embed_text([f"This is a sound of {x}." for x in ("dog", "rain", "siren")])
+    clips = read_current(str(out)).to_pandas().set_index("clip_id")
+    r = rows[0]
+    logits = searcher._text.logit_scale * (np.asarray(clips.loc[r["clip_id"]].clap_embedding) @ text.T)
+    assert r["labels"][0]["label"] == ["dog", "rain", "siren"][int(np.argmax(logits))]
+    pairs = searcher.duplicates(0.9999)
+    names = {(Path(p["uri_a"]).name, Path(p["uri_b"]).name) for p in pairs}
+    assert {("clip1.wav", "copy_of_clip1.wav"), ("copy_of_clip1.wav", "clip1.wav")} & names
+    assert all(p["score"] >= 0.9999 for p in pairs)
+
+
+def test_index_update_covers_new_runs_and_stale_index_falls_back(tagged, checkpoints, tmp_path):
+    corpus, out = tagged
+    new = corpus / "a" / "new_clip.wav"
+    new.write_bytes(encode(signal(4.0, 16_000, seed=99), 16_000, "WAV"))
+    changed = corpus / "b" / "clip2.wav"
+    changed.write_bytes(encode(signal(6.5, 16_000, seed=98), 16_000, "WAV", "FLOAT"))
+    try:
+        run_tag_job(TagJobConfig(input=str(corpus), output=str(out), ast_model=checkpoints["ast"],
+                                 clap_model=checkpoints["clap"], run_id="s2"))
+        stale = Searcher(str(out))
+        assert stale.stale and stale.exact
+        info = build_index(str(out))
+        assert info["commits"] == ["s1", "s2"]
+        fresh = Searcher(str(out))
+        assert not fresh.stale
+        clips = fresh.tables["clips"]
+        assert info["rows"]["clips"] == 13 and info["live"]["clips"] == 12  # 11 + new + changed; old clip2 dead
+        hits = fresh.audio(new.read_bytes(), k=1)
+        assert hits[0].uri == str(new)
+        uris = clips.data.column("uri").to_pylist()
+        rows = [i for i, u in enumerate(uris) if u == str(changed)]
+        assert len(rows) == 2 and clips.live[rows].tolist() == [False, True]
+        assert clips.data.column("duration_s")[rows[1]].as_py() == pytest.approx(6.5)
+    finally:
+        new.unlink()
+
+
+def test_model_mismatch_is_refused(tagged):
+    _, out = tagged
+    with pytest.raises(SearchError, match="embedded with"):
+        Searcher(str(out), clap_model="laion/clap-htsat-fused")
+
+
+def test_search_cli_json_and_table(tagged):
+    _, out = tagged
+    run = lambda *a: subprocess.run([sys.executable, "-m", "jobs.search", "--index", str(out), *a], cwd=REPO,
+                                    capture_output=True, text=True, timeout=300)
+    proc = run("--text", "rain", "--k", "3", "--json", "--segments")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 3 and {"clip_id", "uri", "score", "start_s", "end_s"} <= set(rows[0])
+    table = run("--text", "rain", "--k", "2")
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["clip_id", "uri", "score"]
+    bad = run("--text", "rain", "--k", "0")
+    assert bad.returncode == 2 and "--k must be" in bad.stderr
+    unknown = run("--like", "no-such-clip")
+    assert unknown.returncode == 2 and "unknown clip_id" in unknown.stderr
