@@ -200,3 +200,31 @@ def fetch_index(output: str) -> str | None:
         if fs.exists(f"{root}/{name}"):
             fs.get_file(f"{root}/{name}", str(local / name))
     return str(local)
+
+
+def write_synthetic_index(output: str, vectors: np.ndarray, ann: AnnConfig = AnnConfig()) -> None:
+    """An index over given vectors (one window per fake clip), for benchmarks and ANN tests: the same
+    files and code as a real index, without running the tagging job."""
+    import faiss
+
+    n = len(vectors)
+    ids = pa.array([f"c{i:08d}" for i in range(n)])
+    from pipeline.arrow import fixed_list
+
+    table = pa.table({
+        "clip_id": ids, "uri": pa.array([f"synthetic://{i}" for i in range(n)]),
+        "segment_index": pa.array(np.zeros(n, np.int32)), "start_s": pa.array(np.zeros(n)),
+        "end_s": pa.array(np.full(n, 10.0)), "run_id": pa.array(["synthetic"] * n),
+        "scores": fixed_list(np.zeros((n, 1), np.float32)), "clap_embedding": fixed_list(vectors),
+        "duration_s": pa.array(np.full(n, 10.0)), "live": pa.array(np.ones(n, bool)),
+    })
+    local = _LocalIndexDir(output)
+    index = _new_hnsw(table, ann, faiss)  # clips and segments hold the same rows in the same order
+    for name in TABLES:
+        data = table if name == "segments" else table.drop_columns(["segment_index", "start_s", "end_s"])
+        local.write_table(name, data)
+        local.write_faiss(name, index, faiss)
+    local.write_json({"settings_hash": "synthetic", "commits": [], "labels": ["none"], "built_at": time.time(),
+                      "model": {"source": "synthetic", "revision": "none", "untrained": True},
+                      "ann": ann.__dict__, "rows": {t: n for t in TABLES}, "live": {t: n for t in TABLES}})
+    local.publish()

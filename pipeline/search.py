@@ -88,8 +88,12 @@ class _Table:
 class Searcher:
     """Holds an index in memory and answers queries; see `text`, `audio`, `like`, `zero_shot`, `duplicates`."""
 
-    def __init__(self, output: str, ef_search: int = 128, exact: bool = False, clap_model: str | None = None):
+    def __init__(self, output: str, ef_search: int = 128, exact: bool = False, clap_model: str | None = None,
+                 exact_below: int = 20_000):
+        """`exact_below`: searches over fewer matching rows than this go exact (cheap, and HNSW with a
+        very selective filter loses recall)."""
         self.output = output
+        self.exact_below = exact_below
         directory = fetch_index(output)
         if directory is None or not os.path.exists(os.path.join(directory, "index.json")):
             raise SearchError(f"no index under {output}: run `python -m jobs.index --output {output}`")
@@ -198,7 +202,7 @@ class Searcher:
         k = min(k, matches)
         if k == 0:
             return np.array([], int), np.array([], np.float32)
-        if not self.exact and table.ann is not None and matches > 20_000:
+        if not self.exact and table.ann is not None and matches >= self.exact_below:
             import faiss
 
             params = faiss.SearchParametersHNSW(efSearch=max(table.ann.hnsw.efSearch, k))
