@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+import fsspec
+
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP
 from pipeline.job import TagJobConfig, run_tag_job
 
@@ -31,6 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GPU share per model actor: auto (0.5 when the cluster has GPUs, else CPU), 0, or F")
     p.add_argument("--ast-actors", type=int, default=None, help="AST actor pool size (default from GPUs, else 1)")
     p.add_argument("--clap-actors", type=int, default=None, help="CLAP actor pool size (default as AST)")
+    p.add_argument("--zero-shot", metavar="LABELS_FILE",
+                   help="also score each clip against these labels (one per line) with CLAP's text tower")
+    p.add_argument("--zero-shot-prompt", default="This is a sound of {label}.",
+                   help="prompt template for --zero-shot; {label} is replaced by each label")
     p.add_argument("--flush-every", type=float, default=60.0,
                    help="seconds between part-file writes; bounds the work a killed run loses")
     p.add_argument("--run-id", default=None, help="name of this run (default: UTC time plus random suffix)")
@@ -43,11 +49,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     num_gpus = args.num_gpus if args.num_gpus == "auto" else float(args.num_gpus)
     extra = {"run_id": args.run_id} if args.run_id else {}
+    if args.zero_shot:
+        with fsspec.open(args.zero_shot, "r") as f:
+            extra["zero_shot_labels"] = tuple(line.strip() for line in f if line.strip())
     cfg = TagJobConfig(input=args.input, output=args.output, ast_model=args.ast_model,
                        clap_model=args.clap_model, top_k=args.top_k, batch_size=args.batch_size,
                        micro_batch=args.micro_batch, hop_s=args.hop, num_gpus=num_gpus,
                        ast_actors=args.ast_actors, clap_actors=args.clap_actors,
-                       flush_every_s=args.flush_every, **extra)
+                       flush_every_s=args.flush_every, zero_shot_prompt=args.zero_shot_prompt, **extra)
     summary = run_tag_job(cfg)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0 if summary["succeeded"] else 1

@@ -29,6 +29,21 @@ def top_labels(scores: np.ndarray, names: list[str], k: int) -> list[dict]:
     return [{"label": names[i], "score": float(scores[i])} for i in order]
 
 
+@dataclass(frozen=True)
+class ZeroShot:
+    """A user's label set embedded by the CLAP text tower: probabilities are softmax over the labels of
+    logit_scale * cosine, as ClapModel's logits_per_audio."""
+
+    labels: tuple[str, ...]
+    text_embeddings: np.ndarray   # (labels, dim), L2-normalised
+    logit_scale: float
+
+    def __call__(self, audio_embedding: np.ndarray, k: int) -> list[dict]:
+        logits = self.logit_scale * (self.text_embeddings.astype(np.float64) @ audio_embedding)
+        probs = np.exp(logits - logits.max())
+        return top_labels(probs / probs.sum(), list(self.labels), k)
+
+
 @dataclass
 class _Partial:
     meta: dict
@@ -45,6 +60,7 @@ class ClipAggregator:
     label_names: list[str]
     top_k: int
     run_id: str
+    zero_shot: "ZeroShot | None" = None
     _partial: dict[str, _Partial] = field(default_factory=dict)
 
     def add(self, batch: pa.Table) -> tuple[pa.Table, list[dict]]:
@@ -83,6 +99,7 @@ class ClipAggregator:
         clap_mean /= max(np.linalg.norm(clap_mean), 1e-12)
         return {**p.meta, "status": "ok", "error": None,
                 "labels": top_labels(p.scores, self.label_names, self.top_k),
+                "zero_shot": self.zero_shot(clap_mean, self.top_k) if self.zero_shot else None,
                 "scores": p.scores.astype(np.float32),
                 "ast_embedding": (p.ast_sum / p.seen).astype(np.float32),
                 "clap_embedding": clap_mean.astype(np.float32), "run_id": self.run_id}
@@ -90,7 +107,7 @@ class ClipAggregator:
     def _error_clip(self, row: dict) -> dict:
         error = row["error"] + (f" ({row['error_detail']})" if row.get("error_detail") else "")
         meta = {k: row.get(k) for k in FILE_COLUMNS}
-        return {**meta, "num_segments": 0, "status": "error", "error": error, "labels": None,
+        return {**meta, "num_segments": 0, "status": "error", "error": error, "labels": None, "zero_shot": None,
                 "scores": None, "ast_embedding": None, "clap_embedding": None, "run_id": self.run_id}
 
     def _segments(self, windows: pa.Table, scores: np.ndarray) -> pa.Table:

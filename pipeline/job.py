@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 
 import pipeline
-from pipeline.aggregate import ClipAggregator, clips_table
+from pipeline.aggregate import ClipAggregator, ZeroShot, clips_table
 from pipeline.commits import IDENTITY, commit, done_files, orphan_parts
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
 from pipeline.embedder import ClapEmbedder, EmbedderConfig
@@ -55,6 +55,8 @@ class TagJobConfig:
     windows_per_block: int = 16
     rows_per_file: int = 20_000
     flush_every_s: float = 60.0   # bounds the work a killed run loses
+    zero_shot_labels: tuple[str, ...] = ()
+    zero_shot_prompt: str = "This is a sound of {label}."
     run_id: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).strftime(
         "%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3))
 
@@ -101,10 +103,12 @@ def run_metadata(cfg: TagJobConfig, stages: ModelStages) -> dict:
     the results (a rerun with another hash reprocesses every file)."""
     features = {"featurize": _jsonable(asdict(stages.featurize)), "micro_batch": cfg.micro_batch}
     models = {"ast": describe(cfg.ast_model).to_dict(), "clap": describe(cfg.clap_model).to_dict()}
-    settings = {"features": features, "models": models, "top_k": cfg.top_k, "schema": SCHEMA_VERSION}
+    settings = {"features": features, "models": models, "top_k": cfg.top_k, "schema": SCHEMA_VERSION,
+                "zero_shot": [list(cfg.zero_shot_labels), cfg.zero_shot_prompt] if cfg.zero_shot_labels else None}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return {"pipeline_version": pipeline.__version__, "schema_version": SCHEMA_VERSION, "run_id": cfg.run_id,
-            "models": models, "features": features, "settings_hash": digest, "top_k": cfg.top_k}
+            "models": models, "features": features, "settings_hash": digest, "top_k": cfg.top_k,
+            "zero_shot": settings["zero_shot"]}
 
 
 def _jsonable(value):
@@ -153,7 +157,7 @@ def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: Resource
     clips_out = PartWriter(cfg.output, "clips", cfg.run_id, clips_schema(*dims), metadata, cfg.rows_per_file)
     segments_out = PartWriter(cfg.output, "segments", cfg.run_id, segments_schema(*dims), metadata,
                               cfg.rows_per_file)
-    aggregator = ClipAggregator(names, cfg.top_k, cfg.run_id)
+    aggregator = ClipAggregator(names, cfg.top_k, cfg.run_id, _zero_shot(cfg))
     last_flush = time.monotonic()
     for batch in build_dataset(files, stages, plan, cfg.batch_size).iter_batches(
             batch_format="pyarrow", batch_size=None):
@@ -175,6 +179,16 @@ def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: Resource
     if clips_out.rows_written != len(files):
         raise RuntimeError(f"wrote {clips_out.rows_written} clip rows for {len(files)} input files")
     return {"clips": clips_out, "segments": segments_out}
+
+
+def _zero_shot(cfg: TagJobConfig) -> ZeroShot | None:
+    if not cfg.zero_shot_labels:
+        return None
+    from pipeline.encoders import TextEncoder
+
+    encoder = TextEncoder(cfg.clap_model)
+    texts = [cfg.zero_shot_prompt.format(label=label) for label in cfg.zero_shot_labels]
+    return ZeroShot(tuple(cfg.zero_shot_labels), encoder(texts), encoder.logit_scale)
 
 
 def _new_or_changed(listed: pa.Table, done: pa.Table | None) -> pa.Table:

@@ -40,6 +40,7 @@ def clips_schema(num_labels: int, ast_dim: int, clap_dim: int) -> pa.Schema:
         pa.field("decoder", pa.string()),                          # "soundfile" or "pyav"
         pa.field("num_segments", pa.int32(), nullable=False),
         pa.field("labels", LABEL_TYPE),                            # top-k by score, descending
+        pa.field("zero_shot", LABEL_TYPE),                         # top-k of --zero-shot labels (softmax)
         pa.field("scores", _embedding(num_labels)),                # sigmoid, max over windows
         pa.field("ast_embedding", _embedding(ast_dim)),            # mean of window pooled outputs
         pa.field("clap_embedding", _embedding(clap_dim)),          # L2-normalised mean of windows

@@ -23,7 +23,7 @@ def _run(*args, timeout=600):
 def test_help_explains_every_option():
     out = _run("jobs.tag", "--help").stdout
     for flag in ("--input", "--output", "--ast-model", "--clap-model", "--top-k", "--batch-size",
-                 "--micro-batch", "--hop", "--num-gpus", "--ast-actors", "--clap-actors", "--flush-every", "--run-id"):
+                 "--micro-batch", "--hop", "--num-gpus", "--ast-actors", "--clap-actors", "--zero-shot", "--zero-shot-prompt", "--flush-every", "--run-id"):
         assert flag in out
 
 

@@ -16,14 +16,14 @@ def _row(**over):
     row = {"clip_id": "c1", "uri": "/a.wav", "status": "ok", "error": None, "size_bytes": 10,
            "modified": "2026-01-01T00:00:00+00:00", "etag": None, "duration_s": 1.0, "sample_rate": 16000,
            "channels": 1, "decoder": "soundfile", "num_segments": 1,
-           "labels": [{"label": "Dog", "score": 0.9}], "scores": np.ones(3, np.float32),
+           "labels": [{"label": "Dog", "score": 0.9}], "zero_shot": None, "scores": np.ones(3, np.float32),
            "ast_embedding": np.ones(4, np.float32), "clap_embedding": np.ones(2, np.float32), "run_id": "r"}
     return {**row, **over}
 
 
 def test_valid_rows_pass_and_types_are_fixed_size():
     table = clips_table([_row(), _row(clip_id="c2", status="error", error="empty file", scores=None,
-                                      ast_embedding=None, clap_embedding=None, labels=None, num_segments=0)],
+                                      zero_shot=None, ast_embedding=None, clap_embedding=None, labels=None, num_segments=0)],
                         SCHEMA)
     validate_table(table, SCHEMA)
     assert table.schema.field("clap_embedding").type == pa.list_(pa.float32(), 2)

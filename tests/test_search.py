@@ -194,3 +194,24 @@ def test_ann_recall_and_filtered_ann_keep_k(tmp_path):
         want = {h.clip_id for h in exact.vector(q, 10, Filters(uri_prefix=prefix), segments=True)}
         recalls.append(len(want & {h.clip_id for h in hits}) / 10)
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
+
+
+def test_tag_job_zero_shot_matches_clap_logits_per_audio(checkpoints, tmp_path, local_ray):
+    from tests import reference as ref
+
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    samples = signal(3.0, 48_000, seed=5)
+    (corpus / "a.wav").write_bytes(encode(samples, 48_000, "WAV", "FLOAT"))
+    labels = ("dog", "rain", "siren", "engine")
+    run_tag_job(TagJobConfig(input=str(corpus), output=str(tmp_path / "out"), ast_model=checkpoints["ast"],
+                             clap_model=checkpoints["clap"], top_k=4, zero_shot_labels=labels, run_id="zs"))
+    row = read_current(str(tmp_path / "out")).to_pylist()[0]
+    extractor, model = ref._clap(checkpoints["clap"])
+    tok = AutoTokenizer.from_pretrained(checkpoints["clap"])
+    texts = tok([f"This is a sound of {x}." for x in labels], padding=True, return_tensors="pt")
+    audio = extractor(samples[:, 0], sampling_rate=48_000, return_tensors="pt")
+    with torch.inference_mode():
+        probs = model(**texts, **audio).logits_per_audio.softmax(-1)[0].numpy()
+    got = {d["label"]: d["score"] for d in row["zero_shot"]}
+    np.testing.assert_allclose([got[x] for x in labels], probs, atol=1e-4, rtol=0)
