@@ -7,9 +7,12 @@ Channels are downmixed by mean, then resampled with soxr. Anything that is not u
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
+import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +39,7 @@ class DecodeConfig:
     min_duration_s: float = 0.025
     max_duration_s: float = 6 * 3600.0
     resample_quality: str = "HQ"
+    timeout_s: float | None = 600.0   # per file; a decoder that hangs this long gives an error row
 
 
 @dataclass(frozen=True)
@@ -58,9 +62,10 @@ class Decoder:
     def __call__(self, data: bytes) -> Audio:
         if not data:
             raise DecodeError("empty file", "0 bytes")
-        samples, rate, decoder = _decode(data)
+        with _deadline(self.config.timeout_s):
+            samples, rate, decoder = _decode(data)
         frames, channels = samples.shape
-        if rate <= 0 or rate > 1_536_000:
+        if rate < 1_000 or rate > 1_536_000:
             raise DecodeError("implausible sample rate", f"{rate} Hz")
         if frames == 0:
             raise DecodeError("no audio samples", "header only or zero-length stream")
@@ -82,6 +87,33 @@ class Decoder:
             return np.ascontiguousarray(mono, dtype=np.float32)
         out = soxr.resample(mono, rate, target, quality=self.config.resample_quality)
         return np.ascontiguousarray(out, dtype=np.float32)
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None):
+    """Raise DecodeError if the block runs longer than `seconds` (SIGALRM; main thread only, which is
+    where Ray runs tasks; elsewhere no limit). The alarm fires between Python-level steps, e.g. between
+    frames of the PyAV decode loop; a single C call that never returns cannot be interrupted."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _Timeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _Timeout:
+        raise DecodeError("decoding timed out", f"more than {seconds:g} s") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _downmix(samples: np.ndarray) -> np.ndarray:

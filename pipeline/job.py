@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,13 @@ class TagJobConfig:
     run_id: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).strftime(
         "%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3))
 
+    def __post_init__(self):
+        if not RUN_ID.match(self.run_id):  # it names directories under OUTPUT
+            raise ValueError(f"run id {self.run_id!r} must match {RUN_ID.pattern}")
+
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
 
 @dataclass(frozen=True)
 class ModelStages:
@@ -88,7 +96,10 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
     blocks = [files.slice(i, per_block) for i in range(0, len(files), per_block)]
     return (
         ray.data.from_arrow(blocks)
-        .map_batches(Featurize(stages.featurize), batch_format="pyarrow", batch_size=None, num_cpus=1)
+        # ray_remote_args_fn keeps Ray from fusing this CPU stage into the AST actors (it fuses when the
+        # resources match), which would run every decode in the few model actors, one at a time
+        .map_batches(Featurize(stages.featurize), batch_format="pyarrow", batch_size=None, num_cpus=1,
+                     ray_remote_args_fn=_spread)
         .map_batches(AstTagger, fn_constructor_args=(stages.tagger,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
                      compute=ray.data.ActorPoolStrategy(size=plan.ast_actors))
@@ -96,6 +107,11 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
                      batch_size=batch_size, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
                      compute=ray.data.ActorPoolStrategy(size=plan.clap_actors))
     )
+
+
+def _spread() -> dict:
+    """Featurize tasks spread over the cluster's nodes."""
+    return {"scheduling_strategy": "SPREAD"}
 
 
 def run_metadata(cfg: TagJobConfig, stages: ModelStages) -> dict:

@@ -12,6 +12,7 @@ import json
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -152,3 +153,19 @@ def test_rerun_with_other_batch_sizes_is_identical(run, corpus, checkpoints, tmp
                 assert (x is None and y is None) or np.array_equal(x, y), col
         assert a.drop(columns=["run_id", "scores", "ast_embedding", "clap_embedding", "labels"]).equals(
             b.drop(columns=["run_id", "scores", "ast_embedding", "clap_embedding", "labels"]))
+
+
+def test_featurize_stays_a_cpu_task_stage(checkpoints, local_ray, capsys):
+    """Ray fuses a task stage into the next actor stage when their resources match; decoding inside
+    the model actors would serialise it. The optimized physical plan keeps them apart."""
+    from pipeline.job import build_dataset, model_stages
+    from pipeline.resources import ResourcePlan
+    from pipeline.sources import FILE_SCHEMA
+
+    cfg = TagJobConfig(input=".", output=".", ast_model=checkpoints["ast"], clap_model=checkpoints["clap"])
+    plan = ResourcePlan(1, 1, 0.0, 1.0)  # actors ask for 1 CPU, like the featurize tasks
+    build_dataset(pa.Table.from_pylist([{"clip_id": "c", "uri": "/nope.wav"}], schema=FILE_SCHEMA),
+                  model_stages(cfg, plan), plan, 8).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(Featurize)]" in optimized
+    assert "ActorPoolMapOperator[MapBatches(AstTagger)]" in optimized
