@@ -35,7 +35,7 @@ def synthetic(n: int, dim: int = 512, latent: int = 48, seed: int = 0) -> tuple[
     return out, queries / np.linalg.norm(queries, axis=1, keepdims=True)
 
 
-def measure(n: int, queries: int, ann: AnnConfig) -> dict:
+def measure(n: int, queries: int, ann: AnnConfig, ef_values: list[int]) -> list[dict]:
     vectors, qs = synthetic(n)
     qs = qs[:queries]
     with tempfile.TemporaryDirectory() as out:
@@ -44,37 +44,44 @@ def measure(n: int, queries: int, ann: AnnConfig) -> dict:
         build_s = time.time() - started
         del vectors
         exact = Searcher(out, exact=True)
-        approx = Searcher(out, ef_search=ann.ef_search)
-        truth, exact_ms, ann_ms, recall = [], [], [], []
+        truth, exact_ms = [], []
         for q in qs:
             t = time.perf_counter()
             hits = exact.vector(q, 10, segments=True)
             exact_ms.append((time.perf_counter() - t) * 1000)
-            truth.append({(h.clip_id, h.start_s) for h in hits})
-        for q, want in zip(qs, truth):
-            t = time.perf_counter()
-            hits = approx.vector(q, 10, segments=True)
-            ann_ms.append((time.perf_counter() - t) * 1000)
-            recall.append(len(want & {(h.clip_id, h.start_s) for h in hits}) / 10)
-    return {"n": n, "dim": 512, "queries": queries, "build_s": round(build_s, 1),
-            "exact_ms_median": round(float(np.median(exact_ms)), 2), "exact_ms_p95": round(float(np.percentile(exact_ms, 95)), 2),
-            "ann_ms_median": round(float(np.median(ann_ms)), 3), "ann_ms_p95": round(float(np.percentile(ann_ms, 95)), 3),
-            "recall_at_10": round(float(np.mean(recall)), 4), "ann": ann.__dict__}
+            truth.append({h.clip_id for h in hits})
+        rows = []
+        for ef in ef_values:
+            approx = Searcher(out, ef_search=ef)
+            ann_ms, recall = [], []
+            for q, want in zip(qs, truth):
+                t = time.perf_counter()
+                hits = approx.vector(q, 10, segments=True)
+                ann_ms.append((time.perf_counter() - t) * 1000)
+                recall.append(len(want & {h.clip_id for h in hits}) / 10)
+            rows.append({"n": n, "dim": 512, "queries": queries, "build_s": round(build_s, 1),
+                         "exact_ms_median": round(float(np.median(exact_ms)), 2),
+                         "exact_ms_p95": round(float(np.percentile(exact_ms, 95)), 2),
+                         "ef_search": ef, "ann_ms_median": round(float(np.median(ann_ms)), 3),
+                         "ann_ms_p95": round(float(np.percentile(ann_ms, 95)), 3),
+                         "recall_at_10": round(float(np.mean(recall)), 4), "ann": ann.__dict__})
+    return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, nargs="+", default=[100_000])
     p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--ef-search", type=int, default=AnnConfig.ef_search)
+    p.add_argument("--ef-search", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--out", default="benchmarks/results/search.json")
     args = p.parse_args(argv)
-    rows = [measure(n, args.queries, AnnConfig(ef_search=args.ef_search)) for n in args.n]
+    rows = [row for n in args.n for row in measure(n, args.queries, AnnConfig(), args.ef_search)]
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
               "rows": rows}
-    print(f"{'N':>9} {'build s':>8} {'exact ms':>9} {'ANN ms':>8} {'recall@10':>10}")
+    print(f"{'N':>9} {'build s':>8} {'exact ms':>9} {'efSearch':>9} {'ANN ms':>8} {'recall@10':>10}")
     for r in rows:
-        print(f"{r['n']:>9} {r['build_s']:>8} {r['exact_ms_median']:>9} {r['ann_ms_median']:>8} {r['recall_at_10']:>10}")
+        print(f"{r['n']:>9} {r['build_s']:>8} {r['exact_ms_median']:>9} {r['ef_search']:>9} "
+              f"{r['ann_ms_median']:>8} {r['recall_at_10']:>10}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

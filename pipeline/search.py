@@ -213,8 +213,13 @@ class Searcher:
             if (rows >= 0).sum() == k:
                 return rows, scores
             log.info("ANN returned fewer than %d hits under the filter: exact search", k)
-        candidates = np.flatnonzero(mask)
-        scores = table.vectors[candidates] @ query
+        if matches > len(mask) // 4:  # score every row in place: no copy of the matrix
+            scores = table.vectors @ query
+            scores[~mask] = -np.inf
+            candidates = np.arange(len(mask))
+        else:
+            candidates = np.flatnonzero(mask)
+            scores = table.vectors[candidates] @ query
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         top = top[np.lexsort((candidates[top], -scores[top]))]
         return candidates[top], scores[top]

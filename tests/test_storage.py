@@ -18,6 +18,7 @@ from tests.audio import broken_files, encode, signal
 from tests.s3 import FlakyProxy, MotoS3
 
 BUCKET = "tagging"
+ACCESS_KEY, SECRET_KEY = "AKIATESTMARKER0042", "secret-marker-9f8e7d6c5b4a"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def s3(tmp_path_factory, checkpoints):
         ray.shutdown()
     saved = dict(os.environ)
     with MotoS3() as moto, FlakyProxy(moto.port, prefix=f"/{BUCKET}/audio/") as proxy:
-        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+        os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
                           AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=proxy.endpoint,
                           AWS_MAX_ATTEMPTS="2",
                           AUDIO_TAGGING_CACHE=str(tmp_path_factory.mktemp("cache")))
@@ -135,3 +136,24 @@ def test_http_inputs_through_a_manifest(checkpoints, tmp_path, local_ray):
     clips = read_current(str(tmp_path / "out")).to_pandas().set_index("uri")
     assert clips.loc[f"{base}/b.wav"].channels == 2 and clips.loc[f"{base}/a.flac"].sample_rate == 32_000
     assert clips.loc[f"{base}/gone.wav"].error.startswith("file not found")
+
+
+def test_no_credentials_in_logs_summaries_or_metadata(s3, caplog):
+    """After the S3 runs above: neither key appears in any output object, nor in driver or worker logs
+    at the job's log level (botocore's own DEBUG logging prints the access key id in request headers)."""
+    fs, _ = s3
+    caplog.set_level("INFO")
+    run_tag_job(TagJobConfig(input=f"s3://{BUCKET}/audio/run1/", output=f"s3://{BUCKET}/out",
+                             ast_model=f"s3://{BUCKET}/models/ast", clap_model=f"s3://{BUCKET}/models/clap",
+                             run_id="s3-c"))
+    outputs = [p for p in fs.find(f"{BUCKET}/out")]
+    assert any(p.endswith(".parquet") for p in outputs) and any(p.endswith(".json") for p in outputs)
+    for path in outputs:
+        data = fs.cat_file(path)
+        assert ACCESS_KEY.encode() not in data and SECRET_KEY.encode() not in data, path
+    assert ACCESS_KEY not in caplog.text and SECRET_KEY not in caplog.text
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    for log_file in logs.rglob("*"):
+        if log_file.is_file():
+            text = log_file.read_bytes()
+            assert ACCESS_KEY.encode() not in text and SECRET_KEY.encode() not in text, log_file
