@@ -1,0 +1,35 @@
+"""Run every benchmark back to back and write benchmarks/results/*.json:
+
+    python -m benchmarks                      # features, job throughput (tiny models), search at 100k
+    python -m benchmarks --full               # also full-size models and search at 1M (long: ~30 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from benchmarks import features, job_throughput, search
+
+log = logging.getLogger("benchmarks")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(message)s")
+    log.info("== feature stage, one thread ==")
+    features.main([])
+    log.info("== job throughput, tiny random-weight models ==")
+    job_throughput.main(["--files", "256", "--size", "tiny", "--out", "benchmarks/results/job_tiny.json"])
+    if args.full:
+        log.info("== job throughput, full-size random-weight models ==")
+        job_throughput.main(["--files", "24", "--size", "full", "--out", "benchmarks/results/job_full.json"])
+    log.info("== search ==")
+    search.main(["--n", "100000", *(["1000000"] if args.full else [])])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
