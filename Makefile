@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: setup demo test
+.PHONY: setup demo test reliability
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -18,3 +18,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
+
+reliability: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow -o log_cli=true tests/test_slow.py
