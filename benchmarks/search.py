@@ -50,9 +50,11 @@ def measure(n: int, queries: int, ann: AnnConfig, ef_values: list[int]) -> list[
             hits = exact.vector(q, 10, segments=True)
             exact_ms.append((time.perf_counter() - t) * 1000)
             truth.append({h.clip_id for h in hits})
+        del exact
         rows = []
+        approx = Searcher(out)
         for ef in ef_values:
-            approx = Searcher(out, ef_search=ef)
+            approx.tables["segments"].ef_search = ef
             ann_ms, recall = [], []
             for q, want in zip(qs, truth):
                 t = time.perf_counter()

@@ -62,13 +62,18 @@ class _Table:
         self.vectors = to_matrix(self.data.column("clap_embedding"))
         self.live = np.asarray(self.data.column("live"))
         self.clip_ids = np.asarray(self.data.column("clip_id").to_numpy(zero_copy_only=False))
-        self.ann = None
-        path = os.path.join(directory, f"{name}.faiss")
-        if os.path.exists(path):
+        self.ef_search = ef_search
+        self._ann_path = os.path.join(directory, f"{name}.faiss")
+        self._ann = None
+
+    @property
+    def ann(self):
+        """The HNSW index, loaded on first ANN search (exact-only searchers never hold it in memory)."""
+        if self._ann is None and os.path.exists(self._ann_path):
             import faiss
 
-            self.ann = faiss.read_index(path)
-            self.ann.hnsw.efSearch = ef_search
+            self._ann = faiss.read_index(self._ann_path)
+        return self._ann
 
     def mask(self, filters: Filters, labels: list[str]) -> np.ndarray:
         keep = self.live.copy()
@@ -202,10 +207,10 @@ class Searcher:
         k = min(k, matches)
         if k == 0:
             return np.array([], int), np.array([], np.float32)
-        if not self.exact and table.ann is not None and matches >= self.exact_below:
+        if not self.exact and matches >= self.exact_below and table.ann is not None:
             import faiss
 
-            params = faiss.SearchParametersHNSW(efSearch=max(table.ann.hnsw.efSearch, k))
+            params = faiss.SearchParametersHNSW(efSearch=max(table.ef_search, k))
             if matches < len(mask):
                 params.sel = faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))
             scores, rows = table.ann.search(query[None, :], k, params=params)
