@@ -21,13 +21,14 @@ SEGMENT_COLUMNS = ["segment_index", "start_s", "end_s", "labels"]
 
 
 class Catalog:
-    """Clip rows of the current table; `uri`, `labels` and `details` take a clip_id, None if unknown."""
+    """Clip rows of the current table; `playable_uri`, `labels`, `details` take a clip_id (unknown: None or [])."""
 
     def __init__(self, output: str, settings_hash: str | None = None):
         clips = read_current(output, "clips", settings_hash)
         self.clips = clips.select([c for c in CLIP_COLUMNS if c in clips.column_names])
         self._row = {cid: i for i, cid in enumerate(self.clips.column("clip_id").to_pylist())}
         self._uris = self.clips.column("uri").to_pylist()
+        self._status = self.clips.column("status").to_pylist()
         self._labels = [_rounded(x) for x in self.clips.column("labels").to_pylist()]
         try:
             segments = read_current(output, "segments", settings_hash)
@@ -39,9 +40,10 @@ class Catalog:
     def __contains__(self, clip_id: str) -> bool:
         return clip_id in self._row
 
-    def uri(self, clip_id: str) -> str | None:
+    def playable_uri(self, clip_id: str) -> str | None:
+        """The URI of a clip whose row is ok (decoded and indexed); None otherwise."""
         row = self._row.get(clip_id)
-        return None if row is None else self._uris[row]
+        return None if row is None or self._status[row] != "ok" else self._uris[row]
 
     def labels(self, clip_id: str) -> list[dict]:
         row = self._row.get(clip_id)

@@ -44,7 +44,7 @@ class AnnConfig:
 
     m: int = 32
     ef_construction: int = 80
-    ef_search: int = 128
+    ef_search: int = 256
     rebuild_dead_fraction: float = 0.2
 
 

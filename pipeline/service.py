@@ -38,17 +38,22 @@ MAX_K = 100
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 CLIP_ID = r"^[0-9a-f]{20}$"
 STATIC = FilePath(__file__).with_name("static")
-ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 413, 415, 416, 422, 502)}
 
 ClipId = Annotated[str, Path(pattern=CLIP_ID, description="20 hex characters (from a search hit)")]
 K = Annotated[int, Query(ge=1, le=MAX_K, description="number of hits")]
 Segments = Annotated[bool, Query(description="hits are 10 s windows (start_s, end_s), not whole clips")]
 
 
+def errors(*codes: int) -> dict:
+    """OpenAPI entries for the error statuses a route can answer with."""
+    return {code: {"model": ErrorOut} for code in codes}
+
+
 def filters(label: Annotated[str | None, Query(max_length=200, description="AST label to filter on")] = None,
             min_score: Annotated[float, Query(ge=0, le=1, description="minimum score for `label`")] = 0.3,
             min_duration: Annotated[float | None, Query(ge=0, le=86_400, description="seconds")] = None,
             uri_prefix: Annotated[str | None, Query(max_length=MAX_QUERY_CHARS)] = None) -> Filters:
+    """Search filters from query parameters (FastAPI dependency)."""
     return Filters(label=label or None, min_score=min_score, min_duration_s=min_duration,
                    uri_prefix=uri_prefix or None)
 
@@ -103,7 +108,7 @@ def create_app(output: str, searcher: Searcher | None = None, exact: bool = Fals
         searcher.embed_text(["warm-up"])
     metrics = Metrics()
     max_body = max_upload_bytes + 64 * 1024  # the file plus multipart framing
-    app = FastAPI(title="Audio search", version=__version__, description=__doc__, responses=ERRORS)
+    app = FastAPI(title="Audio search", version=__version__, description=__doc__)
     app.add_middleware(ContentLengthLimit, max_bytes=max_body)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _error_handlers(app)
@@ -123,29 +128,24 @@ def create_app(output: str, searcher: Searcher | None = None, exact: bool = Fals
                 "commits": i["commits"], "stale_index": searcher.stale,
                 "limits": {"max_query_chars": MAX_QUERY_CHARS, "max_k": MAX_K, "max_upload_bytes": max_upload_bytes}}
 
-    @app.get("/api/search", response_model=SearchOut)
+    @app.get("/api/search", response_model=SearchOut, responses=errors(400, 422))
     def search_text(q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, description="text query")],
                     f: Annotated[Filters, Depends(filters)], k: K = 10, segments: Segments = False) -> dict:
         if not q.strip():
             raise HTTPException(400, "the query is blank")
         return engine.text(q.strip(), k, f, segments)
 
-    @app.post("/api/search/audio", response_model=SearchOut, max_body_size=max_body)
+    @app.post("/api/search/audio", response_model=SearchOut, max_body_size=max_body,
+              responses=errors(400, 413, 415, 422))
     def search_audio(file: Annotated[UploadFile, File(description=f"an audio file, at most {max_upload_bytes} bytes")],
                      f: Annotated[Filters, Depends(filters)], k: K = 10, segments: Segments = False) -> dict:
-        _check_audio_upload(file)
-        data = file.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"the upload is larger than {max_upload_bytes} bytes")
-        if not data:
-            raise HTTPException(400, "the upload is empty")
-        return engine.audio(data, k, f, segments)
+        return engine.audio(_read_upload(file, max_upload_bytes), k, f, segments)
 
-    @app.get("/api/like/{clip_id}", response_model=SearchOut)
+    @app.get("/api/like/{clip_id}", response_model=SearchOut, responses=errors(400, 404, 422))
     def like(clip_id: ClipId, f: Annotated[Filters, Depends(filters)], k: K = 10, segments: Segments = False) -> dict:
         return engine.like(clip_id, k, f, segments)
 
-    @app.get("/api/clips/{clip_id}", response_model=ClipOut)
+    @app.get("/api/clips/{clip_id}", response_model=ClipOut, responses=errors(404, 422))
     def clip(clip_id: ClipId) -> dict:
         details = engine.catalog.details(clip_id)
         if details is None:
@@ -154,23 +154,14 @@ def create_app(output: str, searcher: Searcher | None = None, exact: bool = Fals
 
     @app.get("/api/audio/{clip_id}", response_class=StreamingResponse,
              responses={200: {"content": {"audio/*": {}}, "description": "the whole file"},
-                        206: {"content": {"audio/*": {}}, "description": "the requested byte range"}})
-    def audio(clip_id: ClipId, range_: Annotated[str | None, Header(alias="Range")] = None) -> StreamingResponse:
-        uri = engine.catalog.uri(clip_id)
-        if uri is None:
-            raise HTTPException(404, f"unknown clip_id {clip_id}")
-        source = _open_source(uri, clip_id)
-        try:
-            byte_range = parse_range(range_, source.size)
-        except RangeNotSatisfiable as e:
-            raise HTTPException(416, str(e), headers={"Content-Range": f"bytes */{source.size}"}) from e
-        headers = {"Accept-Ranges": "bytes", "X-Content-Type-Options": "nosniff",
-                   "Content-Length": str(source.size if byte_range is None else byte_range.length)}
-        if byte_range is not None:
-            headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{source.size}"
-        return StreamingResponse(source.read(byte_range), status_code=200 if byte_range is None else 206,
-                                 media_type=content_type(uri), headers=headers)
+                        206: {"content": {"audio/*": {}}, "description": "the requested byte range"},
+                        **errors(404, 416, 422, 502)})
+    def audio(request: Request, clip_id: ClipId,
+              range_: Annotated[str | None, Header(alias="Range")] = None) -> Response:
+        """The clip's original file, read from its storage; only clips with status ok (the indexed ones)."""
+        return _audio_response(engine.catalog, clip_id, range_, head=request.method == "HEAD")
 
+    app.add_api_route("/api/audio/{clip_id}", audio, methods=["HEAD"], include_in_schema=False)
     log.info("search service over %s: %s clips indexed, model %s", output, searcher.info["live"].get("clips"),
              searcher.model.get("source"))
     return app
@@ -201,12 +192,41 @@ class ContentLengthLimit:
         await self.app(scope, receive, send)
 
 
-def _check_audio_upload(file: UploadFile) -> None:
+def _read_upload(file: UploadFile, max_bytes: int) -> bytes:
+    """The uploaded bytes, if it looks like audio (content type or extension) and fits in `max_bytes`."""
     kind = (file.content_type or "").split(";")[0].strip().lower()
     ext = FilePath(file.filename or "").suffix.lower()
     if not (kind.startswith("audio/") or ext in AUDIO_TYPES):
         raise HTTPException(415, f"expected an audio file (an audio/* content type or an audio file extension "
                                  f"such as .wav, .flac, .mp3), got {kind or 'no content type'} {ext}".strip())
+    data = file.file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"the upload is larger than {max_bytes} bytes")
+    if not data:
+        raise HTTPException(400, "the upload is empty")
+    return data
+
+
+def _audio_response(catalog: Catalog, clip_id: str, range_header: str | None, head: bool) -> Response:
+    """200 with the whole file or 206 with one byte range, streamed from storage in chunks."""
+    uri = catalog.playable_uri(clip_id)
+    if uri is None:
+        raise HTTPException(404, f"unknown clip_id {clip_id}" if clip_id not in catalog
+                            else f"clip {clip_id} has no playable audio (its row has status error)")
+    source = _open_source(uri, clip_id)
+    try:
+        byte_range = parse_range(range_header, source.size)
+    except RangeNotSatisfiable as e:
+        raise HTTPException(416, str(e), headers={"Content-Range": f"bytes */{source.size}"}) from e
+    headers = {"Accept-Ranges": "bytes", "X-Content-Type-Options": "nosniff",
+               "Content-Length": str(source.size if byte_range is None else byte_range.length)}
+    if byte_range is not None:
+        headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end}/{source.size}"
+    status = 200 if byte_range is None else 206
+    if head:
+        return Response(status_code=status, media_type=content_type(uri), headers=headers)
+    return StreamingResponse(source.read(byte_range), status_code=status, media_type=content_type(uri),
+                             headers=headers)
 
 
 def _open_source(uri: str, clip_id: str) -> SourceFile:
@@ -244,5 +264,5 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        # Starlette re-raises after this response is sent, so the server logs the traceback.
         return error(500, "internal error (see the server log)")

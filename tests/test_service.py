@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,8 @@ def tagged(tmp_path_factory, checkpoints, local_ray):
     run_tag_job(TagJobConfig(input=str(corpus), output=str(out), ast_model=checkpoints["ast"],
                              clap_model=checkpoints["clap"], run_id="svc"))
     build_index(str(out))
-    ids = {Path(u).name: c for u, c in zip(read_current(str(out)).column("uri").to_pylist(),
-                                           read_current(str(out)).column("clip_id").to_pylist())}
+    clips = read_current(str(out))
+    ids = {Path(u).name: c for u, c in zip(clips.column("uri").to_pylist(), clips.column("clip_id").to_pylist())}
     return corpus, out, ids
 
 
@@ -85,7 +86,7 @@ def get(server, path, **kwargs) -> requests.Response:
     return requests.get(server.url + path, timeout=60, **kwargs)
 
 
-def raw(server, method: str, path: str, headers: dict | None = None) -> tuple[int, bytes, dict]:
+def raw(server, method: str, path: str, headers: dict | None = None) -> tuple[int, bytes]:
     """A request whose path goes on the wire exactly as given (no client-side normalisation of ../)."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.putrequest(method, path, skip_accept_encoding=True)
@@ -95,7 +96,7 @@ def raw(server, method: str, path: str, headers: dict | None = None) -> tuple[in
     response = conn.getresponse()
     body = response.read()
     conn.close()
-    return response.status, body, dict(response.getheaders())
+    return response.status, body
 
 
 def assert_json_error(response: requests.Response, status: int, contains: str = "") -> str:
@@ -110,8 +111,9 @@ def assert_json_error(response: requests.Response, status: int, contains: str = 
 
 def test_text_search_matches_the_searcher(server, tagged):
     _, out, ids = tagged
+    searcher = Searcher(str(out))
     body = get(server, "/api/search", params={"q": "dog barking in the rain", "k": 3}).json()
-    direct = Searcher(str(out)).text("dog barking in the rain", k=3)
+    direct = searcher.text("dog barking in the rain", k=3)
     assert [h["clip_id"] for h in body["hits"]] == [h.clip_id for h in direct]
     assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in direct], abs=1e-5)
     assert all(h["labels"] and {"label", "score"} == set(h["labels"][0]) for h in body["hits"])
@@ -123,7 +125,7 @@ def test_text_search_matches_the_searcher(server, tagged):
     assert sorted((h["start_s"], h["end_s"]) for h in windows) == [(0, 10), (10, 20), (15, 25)]
     label = get(server, "/api/info").json()["labels"][0]
     filtered = get(server, "/api/search", params={"q": "x", "k": 5, "label": label, "min_score": 0.5}).json()["hits"]
-    expected = Searcher(str(out)).text("x", 5, Filters(label=label, min_score=0.5))
+    expected = searcher.text("x", 5, Filters(label=label, min_score=0.5))
     assert [h["clip_id"] for h in filtered] == [h.clip_id for h in expected]
 
 
@@ -158,8 +160,9 @@ def test_audio_streams_the_original_file_with_ranges(server, tagged):
     assert get(server, f"/api/audio/{ids['rain_on_roof.flac']}").headers["content-type"] == "audio/flac"
     assert get(server, f"/api/audio/{ids['dog_park.ogg']}", headers={"Range": "bytes=0-3"}).content == b"OggS"
 
-    for header, start, end in [("bytes=0-99", 0, 99), ("bytes=1000-", 1000, size - 1), ("bytes=-100", size - 100, size - 1),
-                               ("bytes=500-500", 500, 500), (f"bytes={size - 10}-{size + 500}", size - 10, size - 1),
+    for header, start, end in [("bytes=0-99", 0, 99), ("bytes=1000-", 1000, size - 1),
+                               ("bytes=-100", size - 100, size - 1), ("bytes=500-500", 500, 500),
+                               (f"bytes={size - 10}-{size + 500}", size - 10, size - 1),
                                ("bytes=-99999999", 0, size - 1)]:
         part = get(server, url, headers={"Range": header})
         assert part.status_code == 206, header
@@ -173,6 +176,42 @@ def test_audio_streams_the_original_file_with_ranges(server, tagged):
         assert bad.headers["content-range"] == f"bytes */{size}", header
     for ignored in ("items=0-5", "bytes=0-1,5-9"):  # other units and multiple ranges: the whole file
         assert get(server, url, headers={"Range": ignored}).content == data
+    head = requests.head(server.url + url, headers={"Range": "bytes=-100"}, timeout=60)
+    assert head.status_code == 206 and head.headers["content-range"] == f"bytes {size - 100}-{size - 1}/{size}"
+    assert head.content == b""
+    # Only indexed (status ok) clips are served: the broken file's row exists, its bytes are not offered.
+    assert_json_error(get(server, f"/api/audio/{ids['broken.wav']}"), 404, "no playable audio")
+
+
+def test_audio_source_reads_ranges_from_object_storage(monkeypatch):
+    """The same reader the audio endpoint uses, on an s3:// URI (moto's S3 server on loopback)."""
+    import fsspec
+    import s3fs
+
+    from pipeline.media import ByteRange, SourceFile, content_type, parse_range
+    from tests.s3 import MotoS3
+
+    data = encode(signal(10.0, 16_000, seed=7), 16_000, "WAV", "PCM_16")  # 320 kB: two read chunks
+    with MotoS3() as moto:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", moto.endpoint)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            fs = fsspec.filesystem("s3")
+            fs.mkdir("audio")
+            fs.pipe("audio/raw/clip.wav", data)
+            source = SourceFile("s3://audio/raw/clip.wav")
+            assert source.size == len(data) and content_type(source.uri) == "audio/wav"
+            assert b"".join(source.read(None)) == data
+            tail = parse_range("bytes=-100", source.size)
+            assert tail == ByteRange(len(data) - 100, len(data) - 1) and b"".join(source.read(tail)) == data[-100:]
+            assert b"".join(source.read(ByteRange(10, 300_000))) == data[10:300_001]
+            with pytest.raises(FileNotFoundError):
+                SourceFile("s3://audio/raw/missing.wav")
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 BAD_REQUESTS = [
@@ -209,7 +248,7 @@ def test_bad_uploads_get_a_json_4xx(server, tagged):
     assert_json_error(post({"file": ("big.wav", b"\0" * (MAX_UPLOAD_BYTES + 1), "audio/wav")}), 413, "larger than")
     assert_json_error(post({"other": ("x.wav", b"x", "audio/wav")}), 422, "file")
     # A declared body over the limit is refused before a byte of it is read.
-    status, body, _ = raw(server, "POST", "/api/search/audio",
+    status, body = raw(server, "POST", "/api/search/audio",
                           {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(10 ** 9)})
     assert status == 413 and "larger than" in json.loads(body)["error"]
     assert_json_error(get(server, f"/api/like/{ids['broken.wav']}"), 404, "not in the search index")
@@ -222,7 +261,7 @@ def test_bad_uploads_get_a_json_4xx(server, tagged):
     "/api/audio/0123456789abcdef0123/../../../etc/passwd", "/api/audio/file:%2F%2F%2Fetc%2Fpasswd",
 ])
 def test_path_traversal_is_refused(server, path):
-    status, body, headers = raw(server, "GET", path)
+    status, body = raw(server, "GET", path)
     assert 400 <= status < 500 and b"root:" not in body
     assert "error" in json.loads(body)
 
@@ -254,8 +293,19 @@ def test_metrics_count_requests_per_route(server, tagged):
     assert after.headers["content-type"].startswith("text/plain")
     for route, status in [("/api/search", "200"), ("/api/search", "422"), ("/api/clips/{clip_id}", "200")]:
         assert _count(after.text, route, status) == _count(before, route, status) + 1, (route, status)
-    assert re.search(r'audio_search_http_request_duration_seconds_count\{method="GET",route="/api/search"\} \d', after.text)
+    latency = r'audio_search_http_request_duration_seconds_count\{method="GET",route="/api/search"\} \d'
+    assert re.search(latency, after.text)
     assert ids["long_walk.wav"] not in after.text  # routes are labelled by template, never by raw path
+
+
+def _outward_address() -> str | None:
+    """This host's address on its default route (a UDP connect sends nothing), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("198.51.100.1", 9))
+            return s.getsockname()[0]
+        except OSError:
+            return None
 
 
 def test_serve_binds_loopback_by_default(tagged, tmp_path):
@@ -264,8 +314,6 @@ def test_serve_binds_loopback_by_default(tagged, tmp_path):
     assert parse_args(["--index", "x"]).host == "127.0.0.1"
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     _, out, _ = tagged
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -280,9 +328,30 @@ def test_serve_binds_loopback_by_default(tagged, tmp_path):
             time.sleep(0.2)
         assert f"http://127.0.0.1:{port}" in log.read_text()
         assert requests.get(f"http://127.0.0.1:{port}/api/info", timeout=30).json()["live"]["clips"] == 4
+        address = _outward_address()
+        if address and not address.startswith("127."):  # not reachable through another interface
+            with pytest.raises(requests.ConnectionError):
+                requests.get(f"http://{address}:{port}/api/info", timeout=5)
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_unexpected_errors_are_a_json_500_without_internals(tagged):
+    _, out, _ = tagged
+    app = create_app(str(out), preload=False)
+
+    @app.get("/fail", include_in_schema=False)
+    def fail():
+        raise RuntimeError("secret internals at /srv/private")
+
+    running = _Server(app)
+    try:
+        response = get(running, "/fail")
+        assert response.status_code == 500 and response.json() == {"error": "internal error (see the server log)"}
+        assert "secret" not in response.text
+    finally:
+        running.stop()
 
 
 # --- web page in a real browser ------------------------------------------------------------------------
@@ -347,7 +416,8 @@ def test_page_searches_shows_tags_and_plays_from_the_hit(browser, server, tagged
     assert len(rows) == 4  # every ok clip; the broken file has no embedding
     for row in rows:
         assert row.find_elements(By.CSS_SELECTOR, ".chip") and "score" in row.text
-        assert row.find_element(By.TAG_NAME, "audio").get_attribute("src").endswith(f"/api/audio/{row.get_attribute('data-clip-id')}")
+        src = row.find_element(By.TAG_NAME, "audio").get_attribute("src")
+        assert src.endswith(f"/api/audio/{row.get_attribute('data-clip-id')}")
     if SCREENSHOT:
         Path(SCREENSHOT).parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(SCREENSHOT)
