@@ -89,8 +89,8 @@ class Decoder:
         return np.ascontiguousarray(out, dtype=np.float32)
 
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Not an Exception: the decoders' broad `except Exception` must not turn it into "not decodable"."""
 
 
 @contextlib.contextmanager
