@@ -41,6 +41,17 @@ def encode_m4a(samples: np.ndarray, rate: int) -> bytes:
     return out.getvalue()
 
 
+BROKEN_REASONS = {  # broken_files() that must become error rows -> reason prefix; the rest decode
+    "empty.wav": "empty file",
+    "random_bytes.wav": "not a decodable audio file",
+    "text_named.flac": "not a decodable audio file",
+    "header_only.wav": "no audio samples",
+    "zero_samples.wav": "no audio samples",
+    "nan_samples.wav": "audio contains NaN or infinite sample values",
+    "inf_samples.wav": "audio contains NaN or infinite sample values",
+}
+
+
 def broken_files() -> dict[str, bytes]:
     """name -> bytes of every kind of bad input the job must turn into an error row (or a result)."""
     good = signal(2.0, 16_000)

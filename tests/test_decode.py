@@ -9,18 +9,10 @@ import pytest
 
 from pipeline.decode import DecodeConfig, DecodeError, Decoder
 from pipeline.storage import read_bytes
-from tests.audio import broken_files, encode, signal
+from tests.audio import BROKEN_REASONS, broken_files, encode, signal
 
 BROKEN = broken_files()
-REASONS = {
-    "empty.wav": "empty file",
-    "random_bytes.wav": "not a decodable audio file",
-    "text_named.flac": "not a decodable audio file",
-    "header_only.wav": "no audio samples",
-    "zero_samples.wav": "no audio samples",
-    "nan_samples.wav": "audio contains NaN or infinite sample values",
-    "inf_samples.wav": "audio contains NaN or infinite sample values",
-}
+REASONS = BROKEN_REASONS
 
 
 @pytest.mark.parametrize("name", sorted(REASONS))

@@ -23,7 +23,7 @@ from pipeline.windows import sample_span
 from pipeline.writer import METADATA_KEY
 from schemas import clips_schema, segments_schema, validate_table
 from tests import reference as ref
-from tests.audio import broken_files, encode, signal
+from tests.audio import BROKEN_REASONS, broken_files, encode, signal
 
 GOOD = {  # name -> bytes
     "speechlike_8k.wav": encode(signal(1.2, 8_000, seed=1), 8_000, "WAV", "PCM_16"),
@@ -32,15 +32,7 @@ GOOD = {  # name -> bytes
     "long_16k.flac": encode(signal(60.0, 16_000, seed=4), 16_000, "FLAC"),
     "odd_25s_48k.mp3": encode(signal(25.0, 48_000, seed=5), 48_000, "MP3"),
 }
-EXPECTED_ERRORS = {  # name -> reason prefix; the other broken files decode to valid results
-    "empty.wav": "empty file",
-    "random_bytes.wav": "not a decodable audio file",
-    "text_named.flac": "not a decodable audio file",
-    "header_only.wav": "no audio samples",
-    "zero_samples.wav": "no audio samples",
-    "nan_samples.wav": "audio contains NaN or infinite sample values",
-    "inf_samples.wav": "audio contains NaN or infinite sample values",
-}
+EXPECTED_ERRORS = BROKEN_REASONS  # the other broken files decode to valid results
 
 
 @pytest.fixture(scope="module")
