@@ -11,6 +11,9 @@ import fsspec
 
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP
 from pipeline.job import TagJobConfig, run_tag_job
+from pipeline.writer import OutputError
+
+log = logging.getLogger("jobs.tag")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +60,11 @@ def main(argv=None) -> int:
                        micro_batch=args.micro_batch, hop_s=args.hop, num_gpus=num_gpus,
                        ast_actors=args.ast_actors, clap_actors=args.clap_actors,
                        flush_every_s=args.flush_every, zero_shot_prompt=args.zero_shot_prompt, **extra)
-    summary = run_tag_job(cfg)
+    try:
+        summary = run_tag_job(cfg)
+    except OutputError as e:
+        log.error("%s", e)
+        return 2
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0 if summary["succeeded"] else 1
 

@@ -20,12 +20,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.writer import METADATA_KEY
+from pipeline.writer import METADATA_KEY, OutputError, remove_quietly
 
 log = logging.getLogger(__name__)
 
 TABLES = ("clips", "segments")
 IDENTITY = ["clip_id", "size_bytes", "modified", "etag"]
+# Errors that say nothing about a file's content: a rerun tries those files again even if unchanged.
+TRANSIENT_ERRORS = ("storage error reading file", "permission denied reading file",
+                    "permission denied listing directory", "file not found", "decoding timed out")
 
 
 def _root(output: str):
@@ -52,9 +55,14 @@ def commit(output: str, run_id: str, settings_hash: str, parts: dict[str, list[s
                 "parts": relative}
     fs.makedirs(f"{root}/_commits", exist_ok=True)
     final, temp = f"{root}/_commits/{run_id}.json", f"{root}/_commits/_tmp-{run_id}.json"
-    with fs.open(temp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    fs.mv(temp, final)
+    try:
+        with fs.open(temp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        fs.mv(temp, final)
+    except OSError as e:
+        remove_quietly(fs, temp)
+        raise OutputError(f"cannot commit run {run_id} under {output}: {e}. Nothing of this run is "
+                          "committed; complete parts are adopted by the next run") from e
     return final
 
 
@@ -95,10 +103,18 @@ def _read_parts(fs, paths: list[str], columns: list[str] | None = None) -> pa.Ta
 
 
 def done_files(output: str, settings_hash: str, extra_parts: list[str] = ()) -> pa.Table | None:
-    """IDENTITY columns of clip rows already produced with `settings_hash` (committed or adopted)."""
+    """IDENTITY columns of clip rows already produced with `settings_hash` (committed or adopted),
+    except rows whose error is transient (TRANSIENT_ERRORS): those files are tried again."""
     fs, _ = _root(output)
     commits = [c for c in read_commits(output) if c["settings_hash"] == settings_hash]
-    return _read_parts(fs, _committed_paths(output, commits, "clips") + list(extra_parts), IDENTITY)
+    done = _read_parts(fs, _committed_paths(output, commits, "clips") + list(extra_parts), IDENTITY + ["error"])
+    if done is None:
+        return None
+    errors = done.column("error")  # "reason" or "reason (detail)"
+    transient = pa.array(np.zeros(len(done), dtype=bool))
+    for reason in TRANSIENT_ERRORS:
+        transient = pc.or_(transient, pc.fill_null(pc.starts_with(errors, reason), False))
+    return done.filter(pc.invert(transient)).select(IDENTITY)
 
 
 def read_current(output: str, table: str = "clips", settings_hash: str | None = None) -> pa.Table:

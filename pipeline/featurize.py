@@ -67,6 +67,8 @@ class Featurize:
 
     def _file_rows(self, file: dict) -> Iterator[dict]:
         try:
+            if file.get("listing_error"):
+                raise DecodeError(file["listing_error"])
             audio = self._decode(read_bytes(file["uri"]))
         except DecodeError as e:
             log.info("%s: %s", file["uri"], e)

@@ -161,7 +161,10 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     commit(cfg.output, cfg.run_id, metadata["settings_hash"], parts)
     summary.finish()
     summary.log()
-    log.info("summary written to %s", summary.save(cfg.output))
+    try:
+        log.info("summary written to %s", summary.save(cfg.output))
+    except OSError as e:  # the run is committed; a missing summary file must not fail it
+        log.warning("run committed, but its summary could not be saved under OUTPUT/_runs: %s", e)
     return summary.to_dict()
 
 

@@ -29,6 +29,7 @@ AUDIO_EXTENSIONS = frozenset({
 FILE_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("uri", pa.string()), ("size_bytes", pa.int64()),
     ("modified", pa.string()), ("etag", pa.string()),
+    ("listing_error", pa.string()),  # set on a row that stands for a directory that could not be listed
 ])
 
 
@@ -58,8 +59,8 @@ def list_inputs(config: ListingConfig) -> pa.Table:
         infos = fs.glob(path, detail=True)
         infos = {p: i for p, i in infos.items() if i.get("type") != "directory"}
     elif fs.isdir(path):
-        infos = fs.find(path, detail=True)
-        infos = {p: i for p, i in infos.items() if _extension(p) in config.extensions}
+        infos = _find_local(fs, path) if _is_local(fs) else fs.find(path, detail=True)
+        infos = {p: i for p, i in infos.items() if "listing_error" in i or _extension(p) in config.extensions}
     elif fs.exists(path):
         infos = {path: fs.info(path)}
     else:
@@ -67,6 +68,29 @@ def list_inputs(config: ListingConfig) -> pa.Table:
     rows = [_row(fs, p, info) for p, info in sorted(infos.items())]
     log.info("listed %d input files under %s", len(rows), config.input)
     return pa.Table.from_pylist(rows, schema=FILE_SCHEMA)
+
+
+def _find_local(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
+    """Files under a local directory, like `fs.find(detail=True)`, except that a directory that cannot
+    be read becomes an entry with a `listing_error` instead of silently vanishing (fsspec's walk drops
+    it). Symlinked directories are not followed, as in os.walk."""
+    found, pending = {}, [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = fs.ls(directory, detail=True)
+        except OSError as e:
+            reason = ("permission denied listing directory" if isinstance(e, PermissionError)
+                      else f"directory could not be listed ({type(e).__name__})")
+            found[directory] = {"listing_error": reason}
+            continue
+        for info in entries:
+            if info["type"] == "directory":
+                if not info.get("islink"):
+                    pending.append(info["name"])
+            else:
+                found[info["name"]] = info
+    return found
 
 
 def _extension(path: str) -> str:
@@ -83,6 +107,7 @@ def _row(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> dict:
         "size_bytes": info.get("size"),
         "modified": _modified(info),
         "etag": str(etag).strip('"') if etag else None,
+        "listing_error": info.get("listing_error"),
     }
 
 

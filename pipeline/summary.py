@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from pipeline.writer import remove_quietly
+
 log = logging.getLogger(__name__)
 
 
@@ -61,7 +63,13 @@ class RunSummary:
     def save(self, output: str) -> str:
         fs, root = fsspec.core.url_to_fs(output)
         path = f"{root.rstrip('/')}/_runs/{self.run_id}.json"
+        temp = f"{root.rstrip('/')}/_runs/_tmp-{self.run_id}.json"
         fs.makedirs(f"{root.rstrip('/')}/_runs", exist_ok=True)
-        with fs.open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        try:
+            with fs.open(temp, "w") as f:
+                json.dump(self.to_dict(), f, indent=2)
+            fs.mv(temp, path)
+        except OSError:
+            remove_quietly(fs, temp)
+            raise
         return path

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 METADATA_KEY = b"audio_tagging"
 
 
+class OutputError(OSError):
+    """OUTPUT cannot be written (unwritable, full, gone): the job stops; nothing of the run is committed."""
+
+
 class PartWriter:
     """Buffered, schema-checked writer of one table's part files for one run."""
 
@@ -50,10 +54,15 @@ class PartWriter:
         validate_table(table, self.schema)
         name = f"part-{len(self.files):05d}.parquet"
         final, temp = f"{self.directory}/{name}", f"{self.directory}/_tmp-{name}"
-        self.fs.makedirs(self.directory, exist_ok=True)
-        with self.fs.open(temp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-        self.fs.mv(temp, final)
+        try:
+            self.fs.makedirs(self.directory, exist_ok=True)
+            with self.fs.open(temp, "wb") as f:
+                pq.write_table(table, f, compression="zstd")
+            self.fs.mv(temp, final)
+        except OSError as e:
+            remove_quietly(self.fs, temp)
+            raise OutputError(f"cannot write results to {self.directory}: {e}. Nothing of this run is "
+                              "committed; complete parts are adopted by the next run") from e
         self.files.append(final)
         self.rows_written += len(table)
         log.debug("wrote %d rows to %s", len(table), final)
@@ -70,4 +79,12 @@ def check_writable(output: str) -> None:
             f.write(b"ok")
         fs.rm(probe)
     except OSError as e:
-        raise PermissionError(f"output location {output!r} is not writable: {e}") from e
+        raise OutputError(f"output location {output!r} is not writable: {e}") from e
+
+
+def remove_quietly(fs, path: str) -> None:
+    """Best-effort removal of a temporary file after a failed write (it may not exist)."""
+    try:
+        fs.rm(path)
+    except OSError:
+        pass

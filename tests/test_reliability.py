@@ -1,18 +1,29 @@
 """Reliability, fast cases: a damaged corpus mixed with good files, hostile names, decode timeouts,
-an unwritable output, run ids that would escape the output (issue 6's suite; slow cases: README)."""
+an unwritable or full output, unreadable inputs, run ids that would escape the output (issue 6's
+suite; slow cases: README)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
+
+import jobs.tag
 
 from pipeline.commits import read_current
 from pipeline.decode import DecodeConfig, DecodeError, Decoder
 from pipeline.job import TagJobConfig, run_tag_job
+from pipeline.writer import OutputError
 from tests.audio import broken_files, encode, encode_m4a, signal
 
 
@@ -88,7 +99,7 @@ def test_unwritable_output_fails_before_any_work(checkpoints, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     started = time.time()
-    with pytest.raises(PermissionError, match="not writable"):
+    with pytest.raises(OutputError, match="not writable"):
         _run(tmp_path, blocker / "out", checkpoints, "never")
     assert time.time() - started < 5
 
@@ -97,3 +108,90 @@ def test_unwritable_output_fails_before_any_work(checkpoints, tmp_path):
 def test_run_ids_cannot_escape_the_output(run_id, tmp_path):
     with pytest.raises(ValueError, match="run id"):
         TagJobConfig(input=str(tmp_path), output=str(tmp_path), run_id=run_id)
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str):
+    """A real tmpfs of `size` mounted at `path` (needs root or CAP_SYS_ADMIN, as in CI here)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _args(corpus, out, checkpoints, run_id):
+    return ["--input", str(corpus), "--output", str(out), "--ast-model", checkpoints["ast"],
+            "--clap-model", checkpoints["clap"], "--run-id", run_id]
+
+
+def test_disk_full_at_the_output_leaves_nothing_half_written(checkpoints, tmp_path, local_ray, caplog):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for name, data in GOOD.items():
+        (corpus / name).write_bytes(data)
+    with small_filesystem(tmp_path / "disk", "1m") as disk:
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 4096))  # room for the start probe only
+        out = disk / "results"
+        assert jobs.tag.main(_args(corpus, out, checkpoints, "full")) == 2
+        assert "No space left on device" in caplog.text and "Nothing of this run is committed" in caplog.text
+        written = [p for p in out.rglob("*") if p.is_file()]
+        assert not [p for p in written if p.name.startswith("_tmp-")], written
+        for part in (p for p in written if p.suffix == ".parquet"):
+            pq.read_table(part)  # whatever is visible is complete
+        with pytest.raises(FileNotFoundError):
+            read_current(str(out))
+
+        filler.unlink()  # space freed: the next scheduled run completes, each file exactly once
+        assert jobs.tag.main(_args(corpus, out, checkpoints, "after")) == 0
+        rows = read_current(str(out)).to_pandas()
+        assert len(rows) == len(GOOD) and rows.clip_id.is_unique and (rows.status == "ok").all()
+
+
+def _without_root_override() -> list[str]:
+    """Command prefix under which file permissions apply: as root, drop the capabilities that bypass
+    them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) with util-linux setpriv."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: permissions cannot be made to apply")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--"]
+
+
+def test_unreadable_files_and_directories_are_rows_and_retried_when_fixed(checkpoints, tmp_path, local_ray):
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    (corpus / "locked_dir").mkdir(parents=True)
+    (corpus / "good.wav").write_bytes(GOOD["ünïcødé näme ♪.wav"])
+    (corpus / "locked.flac").write_bytes(GOOD["plain.flac"])
+    (corpus / "locked_dir" / "inner.ogg").write_bytes(GOOD["..dots..and spaces.ogg"])
+    os.chmod(corpus / "locked.flac", 0)
+    os.chmod(corpus / "locked_dir", 0)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.run([*_without_root_override(), sys.executable, "-m", "jobs.tag",
+                               *_args(corpus, out, checkpoints, "locked")], cwd=Path(__file__).parents[1],
+                              env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        os.chmod(corpus / "locked.flac", 0o644)
+        os.chmod(corpus / "locked_dir", 0o755)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_current(str(out)).to_pandas().set_index("uri")
+    assert rows.loc[str(corpus / "good.wav")].status == "ok"
+    assert rows.loc[str(corpus / "locked.flac")].error.startswith("permission denied reading file")
+    assert rows.loc[str(corpus / "locked_dir")].error == "permission denied listing directory"
+    assert len(rows) == 3
+
+    # permissions fixed: the next run retries the denied file and finds the directory's files
+    summary = run_tag_job(TagJobConfig(input=str(corpus), output=str(out), ast_model=checkpoints["ast"],
+                                       clap_model=checkpoints["clap"], run_id="fixed"))
+    assert summary["processed"] == 2 and summary["ok"] == 2
+    rows = read_current(str(out)).to_pandas().set_index("uri")
+    assert rows.loc[str(corpus / "locked.flac")].status == "ok"
+    assert rows.loc[str(corpus / "locked_dir" / "inner.ogg")].status == "ok"
