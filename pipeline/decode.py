@@ -63,22 +63,15 @@ class Decoder:
         if not data:
             raise DecodeError("empty file", "0 bytes")
         with _deadline(self.config.timeout_s):
-            samples, rate, decoder = _decode(data)
-        frames, channels = samples.shape
-        if rate < 1_000 or rate > 1_536_000:
-            raise DecodeError("implausible sample rate", f"{rate} Hz")
-        if frames == 0:
+            mono, rate, channels, decoder = _decode(data, self.config.max_duration_s)
+        if len(mono) == 0:
             raise DecodeError("no audio samples", "header only or zero-length stream")
-        duration_s = frames / rate
+        duration_s = len(mono) / rate
         if duration_s < self.config.min_duration_s:
             raise DecodeError("audio too short",
                               f"{duration_s * 1000:.1f} ms, minimum {self.config.min_duration_s * 1000:.0f} ms")
-        if duration_s > self.config.max_duration_s:
-            raise DecodeError("audio too long", f"{duration_s / 3600:.2f} h, maximum "
-                              f"{self.config.max_duration_s / 3600:.2f} h")
-        if not np.isfinite(samples).all():
+        if not np.isfinite(mono).all():  # NaN or inf in any channel survives the mean
             raise DecodeError("audio contains NaN or infinite sample values")
-        mono = _downmix(samples)
         waves = {r: self._resample(mono, rate, r) for r in self.config.rates}
         return Audio(waves, duration_s, rate, channels, decoder)
 
@@ -128,15 +121,40 @@ def _downmix(samples: np.ndarray) -> np.ndarray:
     return mono
 
 
-def _decode(data: bytes) -> tuple[np.ndarray, int, str]:
-    """(frames, channels) float32 samples, rate in Hz, decoder name."""
+# Files whose float32 samples fit in WHOLE_READ_BYTES (~12 min of 44.1 kHz stereo) are read in one call,
+# bitwise what sf.read gives (libsndfile's MP3 decode differs by ~1e-7 across read boundaries); longer
+# ones in blocks of BLOCK_FRAMES, downmixed as they come, so memory holds one channel and the deadline
+# can fire between calls.
+WHOLE_READ_BYTES = 256 << 20
+BLOCK_FRAMES = 1 << 20
+
+
+def _check_rate(rate: int) -> None:
+    if rate < 1_000 or rate > 1_536_000:
+        raise DecodeError("implausible sample rate", f"{rate} Hz")
+
+
+def _too_long(seconds: float, max_duration_s: float, declared: bool) -> DecodeError:
+    what = "declares" if declared else "decodes to more than"
+    return DecodeError("audio too long", f"file {what} {_hours(seconds)}, maximum {_hours(max_duration_s)}")
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.1f} s"
+
+
+def _decode(data: bytes, max_duration_s: float) -> tuple[np.ndarray, int, int, str]:
+    """Mono float32 samples, source rate in Hz, source channels, decoder name.
+
+    Both decoders work block by block and downmix each block, so a many-channel or very long file is
+    never held with all its channels, and a file longer than `max_duration_s` is refused before it is
+    decoded (from its header) or as soon as it passes the limit (decompression bombs stay small).
+    """
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        return samples, int(rate), "soundfile"
+        return (*_decode_soundfile(data, max_duration_s), "soundfile")
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, EOFError) as sf_error:
         try:
-            samples, rate = _decode_pyav(data)
-            return samples, rate, "pyav"
+            return (*_decode_pyav(data, max_duration_s), "pyav")
         except DecodeError:
             raise
         except Exception as av_error:  # PyAV raises many FFmpeg error types; all mean "cannot decode"
@@ -144,7 +162,27 @@ def _decode(data: bytes) -> tuple[np.ndarray, int, str]:
                               f"libsndfile: {_short(sf_error)}; ffmpeg: {_short(av_error)}") from av_error
 
 
-def _decode_pyav(data: bytes) -> tuple[np.ndarray, int]:
+def _decode_soundfile(data: bytes, max_duration_s: float) -> tuple[np.ndarray, int, int]:
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        rate, channels, frames = int(f.samplerate), f.channels, f.frames
+        _check_rate(rate)
+        if frames > max_duration_s * rate:
+            raise _too_long(frames / rate, max_duration_s, declared=True)
+        if frames * channels * 4 <= WHOLE_READ_BYTES:
+            samples = f.read(frames, dtype="float32", always_2d=True)
+            return _downmix(samples), rate, channels
+        mono = np.empty(frames, dtype=np.float32)
+        filled = 0
+        while filled < frames:
+            block = f.read(min(BLOCK_FRAMES, frames - filled), dtype="float32", always_2d=True)
+            if not len(block):  # the body is shorter than the header says: keep what is there
+                break
+            mono[filled:filled + len(block)] = _downmix(block)
+            filled += len(block)
+    return mono[:filled], rate, channels
+
+
+def _decode_pyav(data: bytes, max_duration_s: float) -> tuple[np.ndarray, int, int]:
     import av
 
     with av.open(io.BytesIO(data), mode="r") as container:
@@ -153,17 +191,26 @@ def _decode_pyav(data: bytes) -> tuple[np.ndarray, int]:
             raise DecodeError("no audio stream in file")
         stream = streams[0]
         rate = stream.codec_context.sample_rate or stream.rate
+        _check_rate(int(rate))
+        channels = stream.codec_context.channels
+        limit = max_duration_s * rate
         resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
-        chunks = []
+        chunks, total = [], 0
+
+        def take(frames) -> None:
+            nonlocal total
+            for out in frames:
+                chunks.append(_downmix(out.to_ndarray().T))  # planar (channels, n) -> mono (n,)
+                total += len(chunks[-1])
+            if total > limit:
+                raise _too_long(total / rate, max_duration_s, declared=False)
+
         for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray())
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray())
+            take(resampler.resample(frame))
+        take(resampler.resample(None))
     if not chunks:
         raise DecodeError("no audio samples", "header only or zero-length stream")
-    planar = np.concatenate(chunks, axis=1)
-    return np.ascontiguousarray(planar.T, dtype=np.float32), int(rate)
+    return np.concatenate(chunks), int(rate), int(channels)
 
 
 def _short(error: BaseException) -> str:

@@ -61,3 +61,15 @@ def test_storage_errors_are_reasons(tmp_path):
     else:
         with pytest.raises(DecodeError, match="permission denied"):
             read_bytes(str(locked))
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
+def test_long_files_read_in_blocks_equal_one_read(fmt, monkeypatch):
+    data = encode(signal(7.0, 44_100, 6, seed=11), 44_100, fmt)
+    whole = Decoder()(data)
+    monkeypatch.setattr("pipeline.decode.WHOLE_READ_BYTES", 1 << 16)  # everything counts as long here
+    monkeypatch.setattr("pipeline.decode.BLOCK_FRAMES", 10_000)
+    blocks = Decoder()(data)
+    for rate in (16_000, 48_000):
+        np.testing.assert_array_equal(blocks.waves[rate], whole.waves[rate])
+    assert blocks.channels == 6 and blocks.duration_s == whole.duration_s == 7.0

@@ -5,18 +5,22 @@ suite; slow cases: README)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import os
 import shutil
 import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import soundfile as sf
 
 import jobs.tag
 
@@ -34,12 +38,24 @@ def _wav_with_rate(rate: int) -> bytes:
     return bytes(data)
 
 
+@functools.cache
+def _bomb(hours: float = 7.0, channels: int = 8, rate: int = 1_000) -> bytes:
+    """A 0.2 MB FLAC of silence that declares `hours` of `channels`-channel audio: fully decoded and
+    resampled to 48 kHz it would need ~5 GB (a decompression bomb)."""
+    buf, zeros, left = io.BytesIO(), np.zeros((1 << 20, channels), np.float32), int(hours * 3600 * rate)
+    with sf.SoundFile(buf, "w", rate, channels, format="FLAC") as f:
+        while left > 0:
+            f.write(zeros[:min(left, len(zeros))])
+            left -= len(zeros)
+    return buf.getvalue()
+
+
 def damaged() -> dict[str, bytes]:
     flac = encode(signal(4.0, 44_100, 2, seed=7), 44_100, "FLAC")
     ogg = encode(signal(4.0, 44_100, seed=8), 44_100, "OGG")
     return {**broken_files(), "truncated.flac": flac[: len(flac) // 2], "truncated.ogg": ogg[: len(ogg) // 2],
             "absurd_rate_4ghz.wav": _wav_with_rate(4_000_000_000), "absurd_rate_1hz.wav": _wav_with_rate(1),
-            "flac_named.mp3": flac}
+            "flac_named.mp3": flac, "bomb_7h_8ch.flac": _bomb()}
 
 
 GOOD = {
@@ -74,6 +90,7 @@ def test_damaged_corpus_loses_nothing_and_good_results_are_unchanged(checkpoints
     assert by_name.loc["absurd_rate_4ghz.wav"].error.startswith("not a decodable audio file")
     assert by_name.loc["absurd_rate_1hz.wav"].error.startswith("implausible sample rate")
     assert by_name.loc["flac_named.mp3"].status == "ok"
+    assert by_name.loc["bomb_7h_8ch.flac"].error.startswith("audio too long (file declares 7.00 h")
     for name in ("truncated.flac", "truncated.ogg"):  # decodable up to the cut, or a clear reason
         row = by_name.loc[name]
         assert row.status == "ok" or row.error, name
@@ -93,6 +110,20 @@ def test_decode_timeout_gives_a_reason():
     with pytest.raises(DecodeError, match="decoding timed out"):
         Decoder(DecodeConfig(timeout_s=0.01))(data)
     assert Decoder(DecodeConfig(timeout_s=60))(data).decoder == "pyav"
+
+
+def test_decompression_bombs_are_refused_without_decoding_them():
+    bomb = _bomb()
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError, match="file declares 7.00 h"):  # from the header, nothing decoded
+            Decoder()(bomb)
+        assert tracemalloc.get_traced_memory()[1] < 20 << 20
+    finally:
+        tracemalloc.stop()
+    # a stream without a declared length (AAC in m4a, through FFmpeg) is cut off as it passes the limit
+    with pytest.raises(DecodeError, match=r"decodes to more than 2\.[01] s, maximum 2\.0 s"):  # not 20 s
+        Decoder(DecodeConfig(max_duration_s=2.0))(encode_m4a(signal(20.0, 16_000), 16_000))
 
 
 def test_unwritable_output_fails_before_any_work(checkpoints, tmp_path):
