@@ -1,8 +1,9 @@
 """Stages 2-4 as one Ray Data CPU stage: file rows -> window rows with AST and CLAP features.
 
-Each file is read and decoded once; its windows are planned, and features are computed window by
-window and emitted in blocks of at most `windows_per_block` rows, so an hour-long file never puts its
-whole feature matrix in one batch. A file that is not usable audio becomes one row with status
+Each file is read once and decoded once, in a child process (pipeline/isolation.py) so that a decoder
+that hangs or crashes on one hostile file cannot take the worker down; its windows are planned, and
+features are computed window by window and emitted in blocks of at most `windows_per_block` rows, so
+an hour-long file never puts its whole feature matrix in one batch. A file that is not usable audio becomes one row with status
 "error" and zero windows. Features travel as float32 byte buffers (binary columns).
 """
 
@@ -14,9 +15,10 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from pipeline.decode import Audio, DecodeConfig, DecodeError, Decoder
+from pipeline.decode import Audio, DecodeConfig, DecodeError
 from pipeline.features_ast import AstFbank, AstFbankConfig
 from pipeline.features_clap import ClapMel, ClapMelConfig
+from pipeline.isolation import shared_decoder
 from pipeline.storage import read_bytes
 from pipeline.windows import WindowConfig, plan_windows, sample_span
 
@@ -48,7 +50,7 @@ class Featurize:
     def __init__(self, config: FeaturizeConfig):
         self.config = config
         rates = (config.ast.sample_rate, config.clap.sample_rate)
-        self._decode = Decoder(DecodeConfig(**{**config.decode.__dict__, "rates": rates}))
+        self._decode_config = DecodeConfig(**{**config.decode.__dict__, "rates": rates})
         self._ast = None
         self._clap = None
 
@@ -69,7 +71,7 @@ class Featurize:
         try:
             if file.get("listing_error"):
                 raise DecodeError(file["listing_error"])
-            audio = self._decode(read_bytes(file["uri"]))
+            audio = shared_decoder(self._decode_config)(read_bytes(file["uri"]))
         except DecodeError as e:
             log.info("%s: %s", file["uri"], e)
             yield {**file, "status": "error", "error": e.reason, "error_detail": e.detail or None,

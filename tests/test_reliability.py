@@ -12,9 +12,11 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
+from signal import SIGCONT, SIGSEGV, SIGSTOP
 
 import numpy as np
 import pandas as pd
@@ -26,6 +28,7 @@ import jobs.tag
 
 from pipeline.commits import read_current
 from pipeline.decode import DecodeConfig, DecodeError, Decoder
+from pipeline.isolation import IsolatedDecoder
 from pipeline.job import TagJobConfig, run_tag_job
 from pipeline.writer import OutputError
 from tests.audio import broken_files, encode, encode_m4a, signal
@@ -124,6 +127,73 @@ def test_decompression_bombs_are_refused_without_decoding_them():
     # a stream without a declared length (AAC in m4a, through FFmpeg) is cut off as it passes the limit
     with pytest.raises(DecodeError, match=r"decodes to more than 2\.[01] s, maximum 2\.0 s"):  # not 20 s
         Decoder(DecodeConfig(max_duration_s=2.0))(encode_m4a(signal(20.0, 16_000), 16_000))
+
+
+def test_isolated_decoder_gives_the_in_process_results():
+    decoder = IsolatedDecoder(DecodeConfig())
+    try:
+        for name, data in GOOD.items():
+            ours, direct = decoder(data), Decoder()(data)
+            assert (ours.duration_s, ours.channels, ours.decoder) == (direct.duration_s, direct.channels,
+                                                                       direct.decoder), name
+            for rate, wave in direct.waves.items():
+                np.testing.assert_array_equal(ours.waves[rate], wave)
+        for name, data in broken_files().items():
+            try:
+                Decoder()(data)
+                continue
+            except DecodeError as e:
+                expected = e.reason
+            with pytest.raises(DecodeError) as info:
+                decoder(data)
+            assert info.value.reason == expected, name
+    finally:
+        decoder.close()
+
+
+def test_a_decoder_that_stops_responding_is_killed_and_replaced():
+    data, decoder = GOOD["plain.flac"], IsolatedDecoder(DecodeConfig(timeout_s=0.5), grace_s=0.5)
+    try:
+        decoder(data)
+        stuck = decoder.pid
+        os.kill(stuck, SIGSTOP)  # like a C call that never returns: no Python, no signal handler runs
+        started = time.monotonic()
+        with pytest.raises(DecodeError, match="decoding timed out"):
+            decoder(data)
+        assert time.monotonic() - started < 60  # the wait is 1 s; unbounded, this call would never return
+        assert not Path(f"/proc/{stuck}").exists()
+        again = decoder(data)  # the next file gets a fresh decoder
+        assert decoder.pid != stuck
+        np.testing.assert_array_equal(again.waves[16_000], Decoder()(data).waves[16_000])
+    finally:
+        decoder.close()
+
+
+def test_a_decoder_crash_is_an_error_for_that_file_only():
+    data, decoder = GOOD["plain.flac"], IsolatedDecoder(DecodeConfig())
+    try:
+        decoder(data)
+        victim = decoder.pid
+        os.kill(victim, SIGSTOP)
+        outcome = {}
+
+        def call():
+            try:
+                decoder(data)
+            except DecodeError as e:
+                outcome["error"] = e
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        while decoder.busy_since is None and caller.is_alive():
+            time.sleep(0.01)
+        os.kill(victim, SIGSEGV)  # delivered on SIGCONT: the decoder segfaults mid-file
+        os.kill(victim, SIGCONT)
+        caller.join(60)
+        assert outcome["error"].reason == "decoder crashed" and "SIGSEGV" in outcome["error"].detail
+        assert decoder(data).duration_s == 12.0
+    finally:
+        decoder.close()
 
 
 def test_unwritable_output_fails_before_any_work(checkpoints, tmp_path):

@@ -1,0 +1,172 @@
+"""Decoding in a child process: a decoder that hangs inside one C call, or crashes (segfault, abort,
+killed for memory) on a hostile file, costs that file an error row, not the Ray worker and the job.
+
+`IsolatedDecoder(config)(data)` sends the file's bytes over a pipe to a long-lived child running
+`Decoder(config)` and gets back the `Audio` (or the DecodeError's reason). The whole exchange runs
+in a helper thread; the caller waits at most `timeout_s + grace_s` seconds, then kills the child,
+answers "decoding timed out", and the next file gets a fresh child. The child's own SIGALRM deadline
+(`timeout_s`) still handles slow Python-level decoding without a restart. One child per worker
+process and config; the child exits when its pipe closes (the worker ended).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+
+from pipeline.decode import Audio, DecodeConfig, DecodeError, Decoder
+
+log = logging.getLogger(__name__)
+
+
+class IsolatedDecoder:
+    """Callable like `Decoder`: `IsolatedDecoder(config)(data: bytes) -> Audio`, or DecodeError."""
+
+    def __init__(self, config: DecodeConfig = DecodeConfig(), grace_s: float = 5.0):
+        self.config = config
+        self.wait_s = (config.timeout_s or 24 * 3600.0) + grace_s
+        self.busy_since: float | None = None  # monotonic time the current file was handed over
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def __call__(self, data: bytes) -> Audio:
+        if not data:
+            raise DecodeError("empty file", "0 bytes")
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        reply: dict = {}
+        conn = self._conn
+
+        def exchange() -> None:
+            try:
+                conn.send_bytes(data)
+                reply["answer"] = conn.recv()
+            except Exception as e:  # EOF, broken pipe: the child died or was killed
+                reply["lost"] = e
+
+        helper = threading.Thread(target=exchange, name="decode-exchange", daemon=True)
+        self.busy_since = time.monotonic()
+        helper.start()
+        helper.join(self.wait_s)
+        self.busy_since = None
+        if helper.is_alive():
+            self._kill()  # the helper then sees a broken pipe or EOF and ends
+            helper.join()
+            self._stop()
+            raise DecodeError("decoding timed out", f"decoder process stopped after {self.wait_s:g} s")
+        if "lost" in reply:
+            raise DecodeError("decoder crashed", self._stop())
+        kind, payload = reply["answer"]
+        if kind == "error":
+            raise DecodeError(*payload)
+        return payload
+
+    def _start(self) -> None:
+        self._stop()
+        parent_r, child_w = os.pipe()
+        child_r, parent_w = os.pipe()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.isolation", str(child_r), str(child_w),
+             json.dumps(asdict(self.config))], pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL)
+        os.close(child_r)
+        os.close(child_w)
+        self._conn = _Duplex(parent_r, parent_w)
+        log.debug("decoder child %d started", self._proc.pid)
+
+    def _kill(self) -> str:
+        """Kill the child if running; say how it ended."""
+        if self._proc is None:
+            return ""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        code = self._proc.wait()
+        if code < 0:
+            return f"decoder process killed by {signal.Signals(-code).name}"
+        return f"decoder process exited with status {code}"
+
+    def _stop(self) -> str:
+        """Kill the child, close the pipes, forget both; say how the child ended."""
+        ended = self._kill()
+        self._proc = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        return ended
+
+    def close(self) -> None:
+        self._stop()
+
+    def __del__(self):
+        try:
+            self._stop()
+        except Exception:
+            pass
+
+
+class _Duplex:
+    """A multiprocessing Connection over two one-way pipes (subprocess passes plain fds)."""
+
+    def __init__(self, read_fd: int, write_fd: int):
+        self._r, self._w = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+
+    def send_bytes(self, data: bytes) -> None:
+        self._w.send_bytes(data)
+
+    def send(self, obj) -> None:
+        self._w.send(obj)
+
+    def recv_bytes(self) -> bytes:
+        return self._r.recv_bytes()
+
+    def recv(self):
+        return self._r.recv()
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
+_SHARED: dict[DecodeConfig, IsolatedDecoder] = {}
+
+
+def shared_decoder(config: DecodeConfig) -> IsolatedDecoder:
+    """The worker process's decoder for `config` (Ray runs many tasks per worker; one child serves all)."""
+    if config not in _SHARED:
+        _SHARED[config] = IsolatedDecoder(config)
+    return _SHARED[config]
+
+
+def _serve(read_fd: int, write_fd: int, config: DecodeConfig) -> None:
+    """Child: decode each received file until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when this process ends
+    conn, decoder = _Duplex(read_fd, write_fd), Decoder(config)
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            answer = ("ok", decoder(data))
+        except DecodeError as e:
+            answer = ("error", (e.reason, e.detail))
+        except MemoryError:
+            answer = ("error", ("out of memory decoding file", f"{len(data)} bytes in"))
+        conn.send(answer)
+
+
+if __name__ == "__main__":
+    fields = json.loads(sys.argv[3])
+    fields["rates"] = tuple(fields["rates"])
+    _serve(int(sys.argv[1]), int(sys.argv[2]), DecodeConfig(**fields))
