@@ -3,8 +3,8 @@
 Each file is read once and decoded once, in a child process (pipeline/isolation.py) so that a decoder
 that hangs or crashes on one hostile file cannot take the worker down; its windows are planned, and
 features are computed window by window and emitted in blocks of at most `windows_per_block` rows, so
-an hour-long file never puts its whole feature matrix in one batch. A file that is not usable audio becomes one row with status
-"error" and zero windows. Features travel as float32 byte buffers (binary columns).
+an hour-long file never puts its whole feature matrix in one batch. A file that is not usable audio
+becomes one row with status "error" and zero windows. Features travel as float32 byte buffers (binary columns).
 """
 
 from __future__ import annotations
