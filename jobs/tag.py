@@ -28,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ast-model", default=DEFAULT_AST, help="AST checkpoint: hub id or local directory")
     p.add_argument("--clap-model", default=DEFAULT_CLAP, help="CLAP checkpoint: hub id or local directory")
     p.add_argument("--top-k", type=int, default=5, help="labels kept per clip and per segment")
-    p.add_argument("--batch-size", type=int, default=32, help="windows per model actor call")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per model actor call (default: 32 on CPU, 256 on GPU)")
     p.add_argument("--micro-batch", type=int, default=8,
                    help="windows per forward pass; fixed and zero-padded so results never depend on batching")
     p.add_argument("--hop", type=float, default=10.0, help="seconds between window starts (0 < hop <= 10)")

@@ -47,7 +47,7 @@ class TagJobConfig:
     ast_model: str = DEFAULT_AST
     clap_model: str = DEFAULT_CLAP
     top_k: int = 5
-    batch_size: int = 32          # windows per model actor call
+    batch_size: int | None = None  # windows per model actor call; None: 32 on CPU, 256 on GPU (resources.py)
     micro_batch: int = 8          # windows per forward pass (fixed shape: batch-independent results)
     hop_s: float = 10.0
     num_gpus: str | float = "auto"
@@ -178,7 +178,7 @@ def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: Resource
                               cfg.rows_per_file)
     aggregator = ClipAggregator(names, cfg.top_k, cfg.run_id, _zero_shot(cfg))
     last_flush = time.monotonic()
-    for batch in build_dataset(files, stages, plan, cfg.batch_size).iter_batches(
+    for batch in build_dataset(files, stages, plan, cfg.batch_size or plan.batch_size).iter_batches(
             batch_format="pyarrow", batch_size=None):
         segments, clips = aggregator.add(batch)
         segments_out.write(segments)

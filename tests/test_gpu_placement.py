@@ -13,7 +13,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipeline.job import TagJobConfig, run_tag_job
-from pipeline.resources import plan_resources
+from pipeline.resources import cores_per_gpu, plan_resources
 from pipeline.windows import sample_span
 from tests import reference as ref
 from tests.audio import encode, signal
@@ -77,3 +77,15 @@ def test_resource_plans():
     assert small.cpus_per_actor * 2 <= 1.0, "one CPU must stay free for featurize tasks"
     with pytest.raises(ValueError, match="has 0 GPUs"):
         plan_resources({"CPU": 4}, num_gpus=0.5)
+
+
+def test_gpu_plans_follow_the_sizing_formula(caplog):
+    assert plan_resources({"CPU": 16}).batch_size == 32
+    starved = plan_resources({"CPU": 8, "GPU": 1, "accelerator_type:A100": 1})
+    assert starved.batch_size == 256
+    needed = cores_per_gpu("A100")  # 312 TFLOP/s x 0.3 / 218.5 GFLOP per window / 7 windows/s per core
+    assert needed == pytest.approx(312e12 * 0.3 / 218.5e9 / 7.0)
+    assert "need about 61 cores" in caplog.text and "A100" in caplog.text
+    caplog.clear()
+    plan_resources({"CPU": 128, "GPU": 1, "accelerator_type:A100": 1})
+    assert "need about" not in caplog.text
