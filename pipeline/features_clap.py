@@ -1,6 +1,11 @@
 """Stage 4, CLAP features: the log-mel (dB) that the checkpoint's ClapFeatureExtractor computes.
 
-Vectorised over a batch of windows in float64 torch (the reference is per-clip numpy, float64 FFTs).
+The reference is per-clip numpy with float64 FFTs. The FFT must stay float64: a float32 FFT's rounding
+is ~1e-7 of a frame's energy, which moves quiet bands of tonal or band-limited audio (far below the
+frame's loudest band, yet above the 1e-10 power floor) by up to ~0.2 dB against a 1e-3 dB bar. After
+the FFT every step is a relative error only: the reference itself stores the spectrum as complex64,
+and the power and mel sums add non-negative terms, so they run in float32.
+
 Windows are at most `max_length_s` long, so the reference's random crop never applies; short windows
 are repeat-padded then zero-padded ("repeatpad"), as the reference does.
 """
@@ -11,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+from pipeline.mel_bands import MelBands
 
 
 @dataclass(frozen=True)
@@ -57,38 +64,75 @@ class ClapMelConfig:
 
 
 class ClapMel:
-    """Callable: list of mono waveforms (<= max_samples each) -> (B, channels, frames, mels) float32."""
+    """Callable: list of mono waveforms (<= max_samples each) -> (B, channels, frames, mels) float32.
+
+    Windows are computed one at a time (a window's float64 spectrum is ~8 MB), so a batch gives
+    exactly the values of its windows computed alone.
+    """
 
     def __init__(self, config: ClapMelConfig = ClapMelConfig()):
         from transformers.audio_utils import mel_filter_bank
 
         self.config = config
         fusion = config.truncation == "fusion"
-        filters = mel_filter_bank(
+        filters = np.asarray(mel_filter_bank(
             num_frequency_bins=config.fft_window_size // 2 + 1, num_mel_filters=config.num_mel_bins,
             min_frequency=config.frequency_min, max_frequency=config.frequency_max,
             sampling_rate=config.sample_rate, norm=None if fusion else "slaney",
             mel_scale="htk" if fusion else "slaney",
-        )
-        self._filters = torch.from_numpy(np.asarray(filters, dtype=np.float64))  # (freqs, mels)
-        self._window = torch.hann_window(config.fft_window_size, periodic=True, dtype=torch.float64)
-
-    def pad(self, wave: np.ndarray) -> np.ndarray:
-        """Repeat-pad (or zero-pad) one window to exactly max_samples, as the reference does."""
-        n_max = self.config.max_samples
-        if len(wave) > n_max:
-            raise ValueError(f"window of {len(wave)} samples exceeds {n_max}")
-        if len(wave) < n_max and self.config.padding in ("repeat", "repeatpad"):
-            reps = n_max // len(wave)
-            wave = np.tile(wave, reps + 1)[:n_max] if self.config.padding == "repeat" else np.tile(wave, reps)
-        return np.pad(wave, (0, n_max - len(wave)))
+        ), dtype=np.float64)                                                    # (freqs, mels)
+        used = np.flatnonzero(filters.any(axis=1))
+        self._lo, self._hi = int(used[0]), int(used[-1]) + 1                     # FFT bins any filter uses
+        # /16: `_hann` returns -4 X_w; a power-of-two scale is exact
+        self._filters = MelBands(filters[self._lo:self._hi] / 16.0)
+        self._conj = torch.tensor([1.0, -1.0], dtype=torch.float64)
 
     def __call__(self, waves: list[np.ndarray]) -> np.ndarray:
         c = self.config
-        batch = torch.from_numpy(np.stack([self.pad(np.asarray(w, dtype=np.float64)) for w in waves]))
-        spec = torch.stft(batch, n_fft=c.fft_window_size, hop_length=c.hop_length, window=self._window,
-                          center=True, pad_mode="reflect", onesided=True, return_complex=True)
-        power = spec.real.square() + spec.imag.square()                     # (B, freqs, frames)
-        mel = torch.clamp(torch.matmul(power.transpose(1, 2), self._filters), min=1e-10)
-        db = (10.0 * torch.log10(mel)).to(torch.float32)                     # (B, frames, mels)
-        return db.unsqueeze(1).expand(-1, c.channels, -1, -1).contiguous().numpy()
+        out = np.empty((len(waves), c.channels, c.num_frames, c.num_mel_bins), dtype=np.float32)
+        for i, wave in enumerate(waves):
+            out[i] = self.log_mel(wave).numpy()
+        return out
+
+    def log_mel(self, wave: np.ndarray) -> torch.Tensor:
+        """(frames, mels) float32 dB of one window."""
+        c = self.config
+        half = c.fft_window_size // 2
+        padded = np.empty(c.max_samples + 2 * half, dtype=np.float64)
+        self._pad_into(np.asarray(wave), padded[half:half + c.max_samples])
+        padded[:half] = padded[2 * half:half:-1]                                 # centred frames, reflect
+        padded[-half:] = padded[-half - 2:-2 * half - 2:-1]
+        frames = torch.from_numpy(padded).as_strided((c.num_frames, c.fft_window_size), (c.hop_length, 1))
+        spec = self._hann(torch.view_as_real(torch.fft.rfft(frames)))            # float64 (frames, bins, 2)
+        power = spec.to(torch.float32).square_()
+        mel = self._filters(power[..., 0].add_(power[..., 1]))
+        return mel.clamp_min_(1e-10).log10_().mul_(10.0)
+
+    def _hann(self, spec: torch.Tensor) -> torch.Tensor:
+        """-4 times bins [lo, hi) of the periodic-Hann-windowed spectrum, from the unwindowed one: the
+        window is 0.5 - 0.5 cos(2 pi n / N), so -4 X_w[k] = X[k-1] + X[k+1] - 2 X[k]. In float64 this
+        equals windowing the frames first (to ~1e-16 of the frame's energy), and it saves writing out
+        windowed frames: the FFT reads the overlapping frames straight from the padded signal."""
+        n = spec.shape[-2]
+        near = spec[..., max(self._lo - 1, 0):min(self._hi + 1, n), :]
+        if self._lo == 0:                                                        # X[-1] = conj(X[1])
+            near = torch.cat([spec[..., 1:2, :] * self._conj, near], dim=-2)
+        if self._hi == n:                                                        # X[N/2 + 1] = conj(X[N/2 - 1])
+            near = torch.cat([near, spec[..., n - 2:n - 1, :] * self._conj], dim=-2)
+        return torch.add(near[..., :-2, :], near[..., 2:, :]).sub_(near[..., 1:-1, :], alpha=2.0)
+
+    def _pad_into(self, wave: np.ndarray, out: np.ndarray) -> None:
+        """Repeat-pad (or zero-pad) one window into `out` (max_samples long), as the reference does."""
+        n, n_max = len(wave), len(out)
+        if n > n_max:
+            raise ValueError(f"window of {n} samples exceeds {n_max}")
+        if n == 0:
+            raise ValueError("empty window")
+        filled = n
+        if n < n_max and self.config.padding == "repeatpad":
+            filled = n_max // n * n
+        elif n < n_max and self.config.padding == "repeat":
+            filled = n_max
+        reps = -(-filled // n)
+        out[:filled] = np.tile(wave, reps)[:filled] if reps > 1 else wave
+        out[filled:] = 0.0

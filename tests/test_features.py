@@ -54,6 +54,76 @@ def test_decode_and_features_match_reference(case, checkpoints, extractors):
         np.testing.assert_allclose(ours_mel, ref.clap_features(checkpoints["clap"], a48), atol=1e-3, rtol=0)
 
 
+def _hard_signal(name: str, rate: int, seconds: float = 10.0) -> np.ndarray:
+    """Inputs where a float32 spectrum or a misplaced floor would show: tones (most bands far below
+    the loudest, above the power floor), near-silence, silence, DC, band-limited and clipped audio."""
+    import soxr
+
+    rng = np.random.default_rng(len(name))
+    t = np.arange(int(seconds * rate)) / rate
+    waves = {
+        "tone_1k": lambda: 0.5 * np.sin(2 * np.pi * 1000 * t),
+        "tone_off_bin": lambda: 0.3 * np.sin(2 * np.pi * 1234.5 * t),
+        "tone_full_scale": lambda: 0.999 * np.sin(2 * np.pi * 440 * t),
+        "chirp": lambda: 0.3 * np.sin(2 * np.pi * (150 + 120 * t) * t),
+        "near_silent_noise": lambda: 1e-7 * rng.standard_normal(len(t)),
+        "quiet_noise": lambda: 1e-4 * rng.standard_normal(len(t)),
+        "lsb_16bit_noise": lambda: np.round(rng.standard_normal(len(t))) / 32768,
+        "silence": lambda: np.zeros(len(t)),
+        "dc": lambda: np.full(len(t), 0.5),
+        "impulses": lambda: (np.arange(len(t)) % (rate // 10) == 0) * 0.9,
+        "clipped_noise": lambda: np.clip(3 * rng.standard_normal(len(t)), -1, 1),
+        "band_limited_8k_source": lambda: soxr.resample(0.1 * rng.standard_normal(int(seconds * 8_000)),
+                                                        8_000, rate, quality="HQ")[:len(t)],
+    }
+    return waves[name]().astype(np.float32)
+
+
+HARD = ["tone_1k", "tone_off_bin", "tone_full_scale", "chirp", "near_silent_noise", "quiet_noise",
+        "lsb_16bit_noise", "silence", "dc", "impulses", "clipped_noise", "band_limited_8k_source"]
+
+
+@pytest.mark.parametrize("name", HARD)
+def test_features_match_reference_on_hard_signals(name, checkpoints, extractors):
+    fbank, mel = extractors
+    a16, a48 = _hard_signal(name, 16_000), _hard_signal(name, 48_000)
+    np.testing.assert_allclose(fbank(a16), ref.ast_features(checkpoints["ast"], a16), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(mel([a48])[0], ref.clap_features(checkpoints["clap"], a48), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(frequency_min=0, frequency_max=24_000, truncation="rand_trunc", padding="repeatpad"),  # DC and Nyquist bins
+    dict(frequency_min=0, frequency_max=24_000, truncation="fusion", padding="repeat"),
+    dict(frequency_min=50, frequency_max=14_000, truncation="rand_trunc", padding="pad"),
+], ids=lambda k: f"{k['frequency_min']}-{k['frequency_max']}Hz-{k['truncation']}-{k['padding']}")
+def test_clap_mel_edge_settings_match_reference(kwargs):
+    from transformers import ClapFeatureExtractor
+
+    hf = ClapFeatureExtractor(**kwargs)
+    mel = ClapMel(ClapMelConfig(**kwargs))
+    for wave in (signal(0.7, 48_000, seed=3)[:, 0], _hard_signal("tone_off_bin", 48_000, 2.0),
+                 signal(10.0, 48_000, seed=4)[:, 0]):
+        theirs = hf(wave, sampling_rate=48_000, return_tensors="np")["input_features"][0]
+        np.testing.assert_allclose(mel([wave])[0], theirs, atol=1e-3, rtol=0)
+
+
+def test_mel_bands_equal_the_dense_product():
+    import torch
+    import torchaudio.compliance.kaldi as kaldi
+    from transformers.audio_utils import mel_filter_bank
+
+    from pipeline.mel_bands import MelBands
+
+    kaldi_banks, _ = kaldi.get_mel_banks(128, 512, 16_000.0, 20.0, 0.0, 100.0, -500.0, 1.0)
+    slaney = mel_filter_bank(num_frequency_bins=513, num_mel_filters=64, min_frequency=50, max_frequency=14_000,
+                             sampling_rate=48_000, norm="slaney", mel_scale="slaney")
+    rng = np.random.default_rng(0)
+    for filters in (torch.nn.functional.pad(kaldi_banks, (0, 1)).T.numpy().astype(np.float64), slaney):
+        power = rng.exponential(size=(50, filters.shape[0])).astype(np.float32)
+        ours = MelBands(filters)(torch.from_numpy(power)).numpy()
+        np.testing.assert_allclose(ours, power.astype(np.float64) @ filters, rtol=1e-5)
+
+
 def test_clap_mel_batch_equals_single(extractors):
     _, mel = extractors
     waves = [signal(s, 48_000, seed=i)[:, 0] for i, s in enumerate((0.3, 4.0, 10.0))]
@@ -87,7 +157,20 @@ def test_fusion_config_features_match_reference():
     np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=0)
 
 
-def test_hour_long_file_streams_features_in_bounded_blocks(tmp_path):
+@pytest.fixture
+def one_torch_thread():
+    """Featurize runs as a one-CPU Ray task, for which Ray sets OMP_NUM_THREADS=1; run it the same way
+    here (with two intra-op threads on a busy machine, each small torch op waits for a descheduled
+    thread, and this test took minutes)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_hour_long_file_streams_features_in_bounded_blocks(tmp_path, one_torch_thread):
     """An hour of audio: 360 windows, never more than `windows_per_block` windows' features at once."""
     import pyarrow as pa
 
