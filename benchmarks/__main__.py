@@ -1,7 +1,8 @@
 """Run every benchmark back to back and write benchmarks/results/*.json:
 
     python -m benchmarks                      # features, job throughput (tiny models), search at 100k
-    python -m benchmarks --full               # also full-size models and search at 1M (long: ~30 min)
+    python -m benchmarks --full               # also full-size models (job, model-only bound, precision
+                                              # options, naive loop) and search at 1M (long: ~40 min)
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from benchmarks import features, job_throughput, search
+from benchmarks import features, job_throughput, models, search
 
 log = logging.getLogger("benchmarks")
 
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
     if args.full:
         log.info("== job throughput, full-size random-weight models ==")
         job_throughput.main(["--files", "24", "--size", "full", "--out", "benchmarks/results/job_full.json"])
+        log.info("== models alone: micro-batches, CPU precision options, naive per-file loop ==")
+        models.main(["--size", "full"])
     log.info("== search ==")
     search.main(["--n", "100000", *(["1000000"] if args.full else [])])
     return 0

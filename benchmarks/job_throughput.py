@@ -32,7 +32,7 @@ def make_corpus(directory: Path, files: int, seconds: float = 10.0, rate: int = 
         sf.write(directory / f"clip{i:05d}.flac", data.astype(np.float32), rate)
 
 
-def build_full_size(root: Path) -> dict:
+def build_full_size(root: Path, seed: int = 0) -> dict:
     """Random-weight checkpoints at the published sizes (AST base 768x12, CLAP HTSAT-tiny + RoBERTa-base)."""
     import torch
     from transformers import (ASTConfig, ASTFeatureExtractor, ASTForAudioClassification, ClapConfig,
@@ -40,7 +40,7 @@ def build_full_size(root: Path) -> dict:
 
     from pipeline.demo import build_tiny_tokenizer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ast_dir, clap_dir = root / "ast-full", root / "clap-full"
     ASTForAudioClassification(ASTConfig(num_labels=527)).save_pretrained(ast_dir)
     ASTFeatureExtractor().save_pretrained(ast_dir)
