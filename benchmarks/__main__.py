@@ -1,8 +1,9 @@
 """Run every benchmark back to back and write benchmarks/results/*.json:
 
-    python -m benchmarks                      # features, job throughput (tiny models), search at 100k
-    python -m benchmarks --full               # also full-size models (job, model-only bound, precision
-                                              # options, naive loop) and search at 1M (long: ~40 min)
+    python -m benchmarks          # features, GPU sizing, job throughput (tiny models), memory at 1x/10x,
+                                  # search at 100k (~10 min on 2 cores)
+    python -m benchmarks --full   # also full-size models (job, model-only bound, precision options,
+                                  # naive loop) and search at 1M (~40 min more)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from benchmarks import features, job_throughput, models, search
+from benchmarks import features, gpu_sizing, job_throughput, memory, models, search
 
 log = logging.getLogger("benchmarks")
 
@@ -22,6 +23,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level="INFO", format="%(message)s")
     log.info("== feature stage, one thread ==")
     features.main([])
+    log.info("== GPU sizing on paper (FLOPs per window, feature rate per core) ==")
+    gpu_sizing.main([])
     log.info("== job throughput, tiny random-weight models ==")
     job_throughput.main(["--files", "256", "--size", "tiny", "--out", "benchmarks/results/job_tiny.json"])
     if args.full:
@@ -29,6 +32,8 @@ def main(argv=None) -> int:
         job_throughput.main(["--files", "24", "--size", "full", "--out", "benchmarks/results/job_full.json"])
         log.info("== models alone: micro-batches, CPU precision options, naive per-file loop ==")
         models.main(["--size", "full"])
+    log.info("== peak memory of a job at 1x and 10x corpus size ==")
+    memory.main([])
     log.info("== search ==")
     search.main(["--n", "100000", *(["1000000"] if args.full else [])])
     return 0

@@ -84,9 +84,9 @@ def model_stages(cfg: TagJobConfig, plan: ResourcePlan) -> ModelStages:
     featurize = FeaturizeConfig(windows=WindowConfig(hop_s=cfg.hop_s), ast=ast_fb, clap=clap_mel,
                                 windows_per_block=cfg.windows_per_block)
     tagger = TaggerConfig(cfg.ast_model, ast_fb.max_length, ast_fb.num_mel_bins, cfg.micro_batch,
-                          plan.cpu_threads)
+                          plan.ast_threads)
     embedder = EmbedderConfig(cfg.clap_model, (clap_mel.channels, clap_mel.num_frames, clap_mel.num_mel_bins),
-                              cfg.micro_batch, plan.cpu_threads)
+                              cfg.micro_batch, plan.clap_threads)
     return ModelStages(featurize, tagger, embedder)
 
 
@@ -101,10 +101,10 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
         .map_batches(Featurize(stages.featurize), batch_format="pyarrow", batch_size=None, num_cpus=1,
                      ray_remote_args_fn=_spread)
         .map_batches(AstTagger, fn_constructor_args=(stages.tagger,), batch_format="pyarrow",
-                     batch_size=batch_size, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
+                     batch_size=batch_size, num_cpus=plan.ast_cpus, num_gpus=plan.gpus_per_actor,
                      compute=ray.data.ActorPoolStrategy(size=plan.ast_actors))
         .map_batches(ClapEmbedder, fn_constructor_args=(stages.embedder,), batch_format="pyarrow",
-                     batch_size=batch_size, num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
+                     batch_size=batch_size, num_cpus=plan.clap_cpus, num_gpus=plan.gpus_per_actor,
                      compute=ray.data.ActorPoolStrategy(size=plan.clap_actors))
     )
 

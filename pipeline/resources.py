@@ -2,8 +2,9 @@
 
 GPU clusters: by default AST and CLAP actors each take half a GPU, so one of each shares every GPU,
 and model actors take batches of GPU_BATCH windows. CPU-only clusters: models fall back to CPU with no
-flag; actor CPU shares shrink (logical CPUs) when the cluster is small, so that at least one CPU stays
-free for reading and featurizing; otherwise read tasks never get a slot and the job stalls.
+flag, and the cores go where the work is (AST ~94% of model time): AST actors get nearly all of them as
+torch threads, one CLAP actor a few, and at least one logical CPU stays free for reading and
+featurizing; otherwise read tasks never get a slot and the job stalls.
 
 GPU sizing (BENCHMARKS.md, benchmarks/gpu_sizing.py): a GPU takes peak x MFU / FLOPS_PER_WINDOW windows
 per second; one CPU core featurizes about FEATURE_WINDOWS_PER_CORE of them. A cluster with fewer CPUs
@@ -25,6 +26,9 @@ ASSUMED_MFU = 0.3                  # achieved fraction of peak (assumed; no GPU 
 FLOPS_PER_WINDOW = 218.5e9         # AST base 206.7 G + CLAP HTSAT-tiny audio 11.8 G (flop_counter)
 FEATURE_WINDOWS_PER_CORE = 7.0     # 10 s FLAC clips per core per second, decode to features (measured)
 CPU_BATCH, GPU_BATCH = 32, 256     # windows per model actor call
+CLAP_SHARE = 0.06                  # CLAP audio / (AST + CLAP audio) CPU time per window (measured)
+MAX_THREADS = 8                    # torch threads per AST actor on CPU; more actors beyond that
+FEATURIZE_RESERVE = 32             # keep one logical CPU per this many free for featurize tasks
 
 
 def cores_per_gpu(accelerator: str) -> float | None:
@@ -37,20 +41,20 @@ def cores_per_gpu(accelerator: str) -> float | None:
 
 @dataclass(frozen=True)
 class ResourcePlan:
+    """Actor counts, Ray resource shares (logical CPUs, GPU fractions) and torch threads per actor."""
+
     ast_actors: int
     clap_actors: int
     gpus_per_actor: float
-    cpus_per_actor: float
-    batch_size: int = CPU_BATCH  # windows per model actor call
-
-    @property
-    def cpu_threads(self) -> int:
-        """Torch intra-op threads per actor on CPU."""
-        return max(1, round(self.cpus_per_actor))
+    ast_cpus: float               # logical CPUs Ray reserves per AST actor
+    clap_cpus: float              # ... per CLAP actor
+    ast_threads: int = 1          # torch intra-op threads per AST actor on CPU
+    clap_threads: int = 1
+    batch_size: int = CPU_BATCH   # windows per model actor call
 
 
 def plan_resources(cluster: dict, num_gpus: str | float = "auto", ast_actors: int | None = None,
-                   clap_actors: int | None = None, cpus_per_actor: float = 1.0) -> ResourcePlan:
+                   clap_actors: int | None = None) -> ResourcePlan:
     """Plan from `ray.cluster_resources()`; `num_gpus` is 'auto', 0, or a per-actor GPU fraction."""
     total_gpus = float(cluster.get("GPU", 0))
     total_cpus = float(cluster.get("CPU", 1))
@@ -62,20 +66,38 @@ def plan_resources(cluster: dict, num_gpus: str | float = "auto", ast_actors: in
             raise ValueError(f"--num-gpus must be auto, 0, a fraction or a whole number, got {num_gpus}")
         if share > 0 and total_gpus < share:
             raise ValueError(f"--num-gpus {share} per actor, but the cluster has {total_gpus:g} GPUs")
-    if share > 0:
-        default = max(1, math.floor(total_gpus / (2 * share))) if total_gpus >= 2 * share else 1
+    if share == 0:
+        plan = _cpu_plan(total_cpus, ast_actors, clap_actors)
     else:
-        default = 1
-    n_ast, n_clap = ast_actors or default, clap_actors or default
-    cpus = cpus_per_actor
-    if share == 0 and (n_ast + n_clap) * cpus > total_cpus - 1:
-        cpus = max(0.25, (total_cpus - 1) / (n_ast + n_clap)) if total_cpus > 1 else 0.25
-        log.info("small CPU cluster (%g CPUs): model actors take %.2f logical CPUs each", total_cpus, cpus)
-    if share > 0:
+        default = max(1, math.floor(total_gpus / (2 * share))) if total_gpus >= 2 * share else 1
+        plan = ResourcePlan(ast_actors or default, clap_actors or default, share, 1.0, 1.0, 1, 1, GPU_BATCH)
         _warn_if_cpu_starved(cluster, total_cpus, total_gpus)
-    plan = ResourcePlan(n_ast, n_clap, share, cpus, GPU_BATCH if share > 0 else CPU_BATCH)
     log.info("resource plan: %s", plan)
     return plan
+
+
+def _cpu_plan(total_cpus: float, ast_actors: int | None, clap_actors: int | None) -> ResourcePlan:
+    """Split a CPU-only cluster by measured cost: per 10 s window AST takes ~2.9 s of one core, CLAP's
+    audio tower ~0.18 s and featurizing ~0.02 s (BENCHMARKS.md). So AST gets nearly every core, in
+    actors of at most MAX_THREADS threads; one CLAP actor gets CLAP_SHARE of them; FEATURIZE_RESERVE
+    logical CPUs stay free so featurize tasks are always scheduled. Threads may exceed the logical
+    shares on small clusters: featurize and CLAP are busy only a few percent of the time."""
+    reserve = max(1.0, math.ceil(total_cpus / FEATURIZE_RESERVE))
+    usable = max(0.5, total_cpus - reserve)
+    clap_cores = max(1.0, round(total_cpus * CLAP_SHARE))
+    n_clap = clap_actors or 1
+    n_ast = ast_actors or max(1, math.ceil((total_cpus - clap_cores) / MAX_THREADS))
+    if usable >= n_ast + clap_cores:
+        clap_cpus, ast_cpus = clap_cores / n_clap, (usable - clap_cores) / n_ast
+    else:  # small cluster: the models split what featurize leaves, in proportion to their work
+        clap_cpus = usable * CLAP_SHARE / n_clap
+        ast_cpus = usable * (1 - CLAP_SHARE) / n_ast
+    ast_threads = max(1, min(MAX_THREADS, round((total_cpus - clap_cores * (total_cpus > 2)) / n_ast)))
+    clap_threads = max(1, round(clap_cores / n_clap))
+    if ast_cpus < 1:
+        log.info("small CPU cluster (%g CPUs): AST actors reserve %.2f logical CPUs, CLAP %.2f; "
+                 "%d torch threads per AST actor", total_cpus, ast_cpus, clap_cpus, ast_threads)
+    return ResourcePlan(n_ast, n_clap, 0.0, round(ast_cpus, 3), round(clap_cpus, 3), ast_threads, clap_threads)
 
 
 def _warn_if_cpu_starved(cluster: dict, total_cpus: float, total_gpus: float) -> None:

@@ -68,13 +68,22 @@ def test_actors_share_one_gpu_and_fall_back_to_cpu(gpu_cluster, checkpoints, tmp
 
 def test_resource_plans():
     gpu = plan_resources({"CPU": 16, "GPU": 4})
-    assert (gpu.ast_actors, gpu.clap_actors, gpu.gpus_per_actor, gpu.cpus_per_actor) == (4, 4, 0.5, 1.0)
+    assert (gpu.ast_actors, gpu.clap_actors, gpu.gpus_per_actor, gpu.ast_cpus, gpu.clap_cpus) == (4, 4, 0.5, 1, 1)
     one = plan_resources({"CPU": 8, "GPU": 1}, num_gpus=0.25)
     assert (one.ast_actors, one.gpus_per_actor) == (2, 0.25)
-    cpu = plan_resources({"CPU": 16})
-    assert (cpu.ast_actors, cpu.gpus_per_actor, cpu.cpus_per_actor, cpu.cpu_threads) == (1, 0.0, 1.0, 1)
-    small = plan_resources({"CPU": 2})
-    assert small.cpus_per_actor * 2 <= 1.0, "one CPU must stay free for featurize tasks"
+    # CPU only: the cores go to AST (~94% of model time) in actors of <= 8 threads; one CLAP actor;
+    # at least one logical CPU stays free so featurize tasks are always scheduled.
+    for cpus in (1, 2, 3, 4, 8, 16, 64, 96):
+        plan = plan_resources({"CPU": cpus})
+        assert plan.gpus_per_actor == 0 and plan.clap_actors == 1
+        reserved = plan.ast_actors * plan.ast_cpus + plan.clap_actors * plan.clap_cpus
+        assert reserved <= max(0.5, cpus - 1) + 1e-9, (cpus, plan)
+        assert 1 <= plan.ast_threads <= 8 and plan.ast_actors * plan.ast_threads >= 0.85 * cpus - 1, (cpus, plan)
+        assert plan.ast_threads >= plan.clap_threads
+    assert plan_resources({"CPU": 2}).ast_threads == 2  # a 2-core machine's second core is not left idle
+    big = plan_resources({"CPU": 64})
+    assert (big.ast_actors, big.ast_threads, big.clap_threads) == (8, 8, 4)
+    assert plan_resources({"CPU": 16}, ast_actors=4).ast_threads == 4
     with pytest.raises(ValueError, match="has 0 GPUs"):
         plan_resources({"CPU": 4}, num_gpus=0.5)
 

@@ -155,7 +155,7 @@ def test_featurize_stays_a_cpu_task_stage(checkpoints, local_ray, capsys):
     from pipeline.sources import FILE_SCHEMA
 
     cfg = TagJobConfig(input=".", output=".", ast_model=checkpoints["ast"], clap_model=checkpoints["clap"])
-    plan = ResourcePlan(1, 1, 0.0, 1.0)  # actors ask for 1 CPU, like the featurize tasks
+    plan = ResourcePlan(1, 1, 0.0, 1.0, 1.0)  # actors ask for 1 CPU, like the featurize tasks
     build_dataset(pa.Table.from_pylist([{"clip_id": "c", "uri": "/nope.wav"}], schema=FILE_SCHEMA),
                   model_stages(cfg, plan), plan, 8).explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]

@@ -72,8 +72,13 @@ def test_job_reads_and_writes_s3_with_retries(s3):
     assert fs.exists(f"{BUCKET}/out/_commits/s3-a.json") and fs.exists(f"{BUCKET}/out/_runs/s3-a.json")
     assert not fs.glob(f"{BUCKET}/out/clips/s3-a/_tmp*")
 
+    # A storage error is transient: the rerun tries cursed.wav again (and it fails again); the rest
+    # (ok rows and the permanently broken empty.wav) are skipped.
     rerun = run_tag_job(TagJobConfig(**{**cfg.__dict__, "run_id": "s3-b"}))
-    assert rerun["processed"] == 0 and rerun["skipped_unchanged"] == 6
+    assert (rerun["processed"], rerun["skipped_unchanged"], rerun["error"]) == (1, 5, 1)
+    again = read_current(f"s3://{BUCKET}/out").to_pandas().set_index("uri")
+    assert len(again) == 6 and again.loc[f"s3://{BUCKET}/audio/run1/cursed.wav"].run_id == "s3-b"
+    assert (again.status == "ok").sum() == 4
 
 
 def test_manifest_lists_files_and_missing_ones_become_rows(s3, tmp_path):
