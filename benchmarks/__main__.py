@@ -26,10 +26,10 @@ def main(argv=None) -> int:
     log.info("== GPU sizing on paper (FLOPs per window, feature rate per core) ==")
     gpu_sizing.main([])
     log.info("== job throughput, tiny random-weight models ==")
-    job_throughput.main(["--files", "256", "--size", "tiny", "--out", "benchmarks/results/job_tiny.json"])
+    job_throughput.main(["--size", "tiny"])
     if args.full:
         log.info("== job throughput, full-size random-weight models ==")
-        job_throughput.main(["--files", "24", "--size", "full", "--out", "benchmarks/results/job_full.json"])
+        job_throughput.main(["--size", "full"])
         log.info("== models alone: micro-batches, CPU precision options, naive per-file loop ==")
         models.main(["--size", "full"])
     log.info("== peak memory of a job at 1x and 10x corpus size ==")

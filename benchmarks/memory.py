@@ -83,7 +83,7 @@ def _run_one(files: int, root: Path) -> None:
     """Child process: build corpus and models, run the job, print its summary as JSON."""
     import ray
 
-    from benchmarks.job_throughput import make_corpus
+    from benchmarks.corpus import make_corpus
     from pipeline.demo import build_tiny_ast, build_tiny_clap
     from pipeline.job import TagJobConfig, run_tag_job
 

@@ -42,7 +42,7 @@ import pyarrow as pa
 import soundfile as sf
 import torch
 
-from benchmarks.job_throughput import build_full_size, make_corpus
+from benchmarks.corpus import build_full_size, make_corpus
 from pipeline.arrow import to_matrix
 from pipeline.device import Placement
 from pipeline.embedder import ClapEmbedder
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
         make_varied_corpus(root / "varied", args.varied_mixes)
         cfg = TagJobConfig(input=str(root / "audio"), output=str(root / "out"), ast_model=models["ast"],
                            clap_model=models["clap"])
-        job = model_stages(cfg, ResourcePlan(1, 1, 0.0, 1.0))
+        job = model_stages(cfg, ResourcePlan(1, 1, 0.0, 1.0, 1.0))
         t = time.perf_counter()
         rows, varied = preload(root / "audio", job), preload(root / "varied", job)
         log.info("preloaded %d + %d windows in %.1f s (job's Featurize stage)", len(rows), len(varied),

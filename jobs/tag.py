@@ -30,8 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=5, help="labels kept per clip and per segment")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows per model actor call (default: 32 on CPU, 256 on GPU)")
-    p.add_argument("--micro-batch", type=int, default=8,
-                   help="windows per forward pass; fixed and zero-padded so results never depend on batching")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="windows per forward pass (default: 1 on CPU, 8 on GPU); fixed and zero-padded so "
+                        "results never depend on batching")
     p.add_argument("--hop", type=float, default=10.0, help="seconds between window starts (0 < hop <= 10)")
     p.add_argument("--num-gpus", default="auto",
                    help="GPU share per model actor: auto (0.5 when the cluster has GPUs, else CPU), 0, or F")

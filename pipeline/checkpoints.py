@@ -55,18 +55,35 @@ def resolve(source: str) -> str:
     with FileLock(str(target) + ".lock"):
         if not (target / ".complete").exists():
             fs, path = fsspec.core.url_to_fs(source)
+            files = _checkpoint_files(source, path, fs.find(path))
             partial = target.with_name(target.name + ".partial")
             if partial.exists():
                 _remove_tree(partial)
             partial.mkdir()
-            for remote in fs.find(path):
-                local = partial / remote[len(path.rstrip("/")) + 1:]
+            for remote, relative in files:
+                local = partial / relative
                 local.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(remote, str(local))
             (partial / ".complete").write_text(source + "\n")
             partial.rename(target)
             log.info("downloaded checkpoint %s to %s", source, target)
     return str(target)
+
+
+def _checkpoint_files(source: str, root: str, remotes: list[str]) -> list[tuple[str, str]]:
+    """(remote key, relative local path) for each object under a checkpoint prefix. Object keys may
+    hold `..` or a leading `/`; such a checkpoint is refused before anything is written, since joined
+    onto the cache path those names would land outside it."""
+    prefix = root.rstrip("/") + "/"
+    files = []
+    for remote in remotes:
+        relative = remote[len(prefix):] if remote.startswith(prefix) else None
+        parts = relative.split("/") if relative else []
+        if not parts or any(part in ("", ".", "..") for part in parts) or "\\" in relative:
+            raise ValueError(f"checkpoint {source}: object key {remote!r} escapes the checkpoint "
+                             "directory; refusing to download it")
+        files.append((remote, relative))
+    return files
 
 
 def _remove_tree(path: Path) -> None:

@@ -114,10 +114,13 @@ def _downmix(samples: np.ndarray) -> np.ndarray:
     than numpy's strided reduction over a (frames, channels) array)."""
     if samples.shape[1] == 1:
         return samples[:, 0]
-    mono = samples[:, 0].copy()
-    for c in range(1, samples.shape[1]):
+    mono = np.add(samples[:, 0], samples[:, 1])  # one pass for the first two channels, no copy first
+    for c in range(2, samples.shape[1]):
         mono += samples[:, c]
-    mono /= np.float32(samples.shape[1])
+    if samples.shape[1] == 2:
+        mono *= np.float32(0.5)  # exact: the same values as dividing by 2, and faster
+    else:
+        mono /= np.float32(samples.shape[1])
     return mono
 
 

@@ -48,7 +48,9 @@ class AudioEncoder:
         self.decoder = Decoder(DecodeConfig(rates=(self.mel_config.sample_rate,)))
         self.windows = WindowConfig(hop_s=hop_s)
         c = self.mel_config
-        self.embedder = ClapEmbedder(EmbedderConfig(clap_source, (c.channels, c.num_frames, c.num_mel_bins)))
+        # micro-batch 1, as the job on CPU: a one-window query is never padded to 8 windows of compute
+        self.embedder = ClapEmbedder(EmbedderConfig(clap_source, (c.channels, c.num_frames, c.num_mel_bins),
+                                                    micro_batch=1))
 
     def __call__(self, data: bytes) -> np.ndarray:
         audio = self.decoder(data)

@@ -48,7 +48,8 @@ class TagJobConfig:
     clap_model: str = DEFAULT_CLAP
     top_k: int = 5
     batch_size: int | None = None  # windows per model actor call; None: 32 on CPU, 256 on GPU (resources.py)
-    micro_batch: int = 8          # windows per forward pass (fixed shape: batch-independent results)
+    micro_batch: int | None = None  # windows per forward pass (fixed shape: batch-independent results);
+                                    # None: 1 on CPU, 8 on GPU (resources.py)
     hop_s: float = 10.0
     num_gpus: str | float = "auto"
     ast_actors: int | None = None
@@ -83,10 +84,11 @@ def model_stages(cfg: TagJobConfig, plan: ResourcePlan) -> ModelStages:
     clap_mel = ClapMelConfig.from_pretrained(cfg.clap_model)
     featurize = FeaturizeConfig(windows=WindowConfig(hop_s=cfg.hop_s), ast=ast_fb, clap=clap_mel,
                                 windows_per_block=cfg.windows_per_block)
-    tagger = TaggerConfig(cfg.ast_model, ast_fb.max_length, ast_fb.num_mel_bins, cfg.micro_batch,
+    micro_batch = cfg.micro_batch or plan.micro_batch
+    tagger = TaggerConfig(cfg.ast_model, ast_fb.max_length, ast_fb.num_mel_bins, micro_batch,
                           plan.ast_threads)
     embedder = EmbedderConfig(cfg.clap_model, (clap_mel.channels, clap_mel.num_frames, clap_mel.num_mel_bins),
-                              cfg.micro_batch, plan.clap_threads)
+                              micro_batch, plan.clap_threads)
     return ModelStages(featurize, tagger, embedder)
 
 
@@ -117,7 +119,7 @@ def _spread() -> dict:
 def run_metadata(cfg: TagJobConfig, stages: ModelStages) -> dict:
     """What produced the output: models, feature settings, versions, and a hash of all that decides
     the results (a rerun with another hash reprocesses every file)."""
-    features = {"featurize": _jsonable(asdict(stages.featurize)), "micro_batch": cfg.micro_batch}
+    features = {"featurize": _jsonable(asdict(stages.featurize)), "micro_batch": stages.tagger.micro_batch}
     models = {"ast": describe(cfg.ast_model).to_dict(), "clap": describe(cfg.clap_model).to_dict()}
     settings = {"features": features, "models": models, "top_k": cfg.top_k, "schema": SCHEMA_VERSION,
                 "zero_shot": [list(cfg.zero_shot_labels), cfg.zero_shot_prompt] if cfg.zero_shot_labels else None}

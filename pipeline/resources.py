@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 GPU_PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 70.0, "A100": 312.0, "H100": 989.0}
 ASSUMED_MFU = 0.3                  # achieved fraction of peak (assumed; no GPU measured)
 FLOPS_PER_WINDOW = 218.5e9         # AST base 206.7 G + CLAP HTSAT-tiny audio 11.8 G (flop_counter)
-FEATURE_WINDOWS_PER_CORE = 7.0     # 10 s FLAC clips per core per second, decode to features (measured)
+FEATURE_WINDOWS_PER_CORE = 38.5    # 10 s FLAC clips per core per second, decode to features (BENCHMARKS.md)
 CPU_BATCH, GPU_BATCH = 32, 256     # windows per model actor call
+CPU_MICRO, GPU_MICRO = 1, 8        # windows per forward pass: on CPU 1 is as fast as any and never pads
 CLAP_SHARE = 0.06                  # CLAP audio / (AST + CLAP audio) CPU time per window (measured)
 MAX_THREADS = 8                    # torch threads per AST actor on CPU; more actors beyond that
 FEATURIZE_RESERVE = 32             # keep one logical CPU per this many free for featurize tasks
@@ -51,6 +52,7 @@ class ResourcePlan:
     ast_threads: int = 1          # torch intra-op threads per AST actor on CPU
     clap_threads: int = 1
     batch_size: int = CPU_BATCH   # windows per model actor call
+    micro_batch: int = CPU_MICRO  # windows per forward pass (fixed; a partial one is zero-padded)
 
 
 def plan_resources(cluster: dict, num_gpus: str | float = "auto", ast_actors: int | None = None,
@@ -70,7 +72,8 @@ def plan_resources(cluster: dict, num_gpus: str | float = "auto", ast_actors: in
         plan = _cpu_plan(total_cpus, ast_actors, clap_actors)
     else:
         default = max(1, math.floor(total_gpus / (2 * share))) if total_gpus >= 2 * share else 1
-        plan = ResourcePlan(ast_actors or default, clap_actors or default, share, 1.0, 1.0, 1, 1, GPU_BATCH)
+        plan = ResourcePlan(ast_actors or default, clap_actors or default, share, 1.0, 1.0, 1, 1, GPU_BATCH,
+                            GPU_MICRO)
         _warn_if_cpu_starved(cluster, total_cpus, total_gpus)
     log.info("resource plan: %s", plan)
     return plan
