@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, nargs="+", default=[100_000])
     p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--ef-search", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--ef-search", type=int, nargs="+", default=[128, 256, 320, 512])
     p.add_argument("--out", default="benchmarks/results/search.json")
     args = p.parse_args(argv)
     rows = [row for n in args.n for row in measure(n, args.queries, AnnConfig(), args.ef_search)]
