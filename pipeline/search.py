@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from pipeline.arrow import to_matrix
 from pipeline.commits import read_commits
-from pipeline.index import fetch_index
+from pipeline.index import AnnConfig, fetch_index
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class _Table:
 class Searcher:
     """Holds an index in memory and answers queries; see `text`, `audio`, `like`, `zero_shot`, `duplicates`."""
 
-    def __init__(self, output: str, ef_search: int = 320, exact: bool = False, clap_model: str | None = None,
+    def __init__(self, output: str, ef_search: int = AnnConfig.ef_search, exact: bool = False, clap_model: str | None = None,
                  exact_below: int = 20_000):
         """`exact_below`: searches over fewer matching rows than this go exact (cheap, and HNSW with a
         very selective filter loses recall)."""

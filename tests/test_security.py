@@ -5,7 +5,6 @@ the local cache however its keys are named."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -42,11 +41,11 @@ def _with_remote_code(source: str, target: Path, marker: Path) -> Path:
                                     "from transformers import PretrainedConfig as EvilConfig\n"
                                     "from transformers import PreTrainedModel as EvilModel\n"
                                     "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
-    for name, key in (("config.json", "auto_map"), ("tokenizer_config.json", "auto_map")):
+    for name in ("config.json", "tokenizer_config.json"):
         path = target / name
         if path.exists():
             data = json.loads(path.read_text())
-            data[key] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel",
+            data["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel",
                          "AutoModelForAudioClassification": "evil.EvilModel",
                          "AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
             path.write_text(json.dumps(data))
@@ -77,33 +76,25 @@ def test_remote_code_in_a_checkpoint_is_never_imported(kind, checkpoints, tmp_pa
     assert not marker.exists(), "remote code shipped with a checkpoint was imported"
 
 
-def test_object_storage_keys_cannot_escape_the_checkpoint_cache(checkpoints, tmp_path):
+def test_object_storage_keys_cannot_escape_the_checkpoint_cache(checkpoints, tmp_path, monkeypatch):
     """Keys with `..` (legal in S3) would otherwise be joined onto the cache path and written outside it."""
+    import boto3
+
     from tests.s3 import MotoS3
 
     with MotoS3() as server:
-        env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "AUDIO_TAGGING_CACHE": str(tmp_path / "cache")}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            import boto3
-
-            s3 = boto3.client("s3", endpoint_url=server.endpoint)
-            s3.create_bucket(Bucket="models")
-            for path in Path(checkpoints["ast"]).iterdir():
-                s3.put_object(Bucket="models", Key=f"ast/{path.name}", Body=path.read_bytes())
-            s3.put_object(Bucket="models", Key="ast/../../../../escaped.txt", Body=b"outside")
-            s3.put_object(Bucket="models", Key="ast/sub/../../../../escaped2.txt", Body=b"outside")
-            with pytest.raises(ValueError, match="escapes"):
-                resolve("s3://models/ast")
-            assert not list(tmp_path.rglob("escaped*")), "a checkpoint key was written outside the cache"
-            cached = [p for p in (tmp_path / "cache" / "checkpoints").iterdir() if p.is_dir()]
-            assert not cached, f"a refused checkpoint was cached: {cached}"
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        for name, value in {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                            "AUDIO_TAGGING_CACHE": str(tmp_path / "cache")}.items():
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3", endpoint_url=server.endpoint)
+        s3.create_bucket(Bucket="models")
+        for path in Path(checkpoints["ast"]).iterdir():
+            s3.put_object(Bucket="models", Key=f"ast/{path.name}", Body=path.read_bytes())
+        s3.put_object(Bucket="models", Key="ast/../../../../escaped.txt", Body=b"outside")
+        s3.put_object(Bucket="models", Key="ast/sub/../../../../escaped2.txt", Body=b"outside")
+        with pytest.raises(ValueError, match="escapes"):
+            resolve("s3://models/ast")
+    assert not list(tmp_path.rglob("escaped*")), "a checkpoint key was written outside the cache"
+    cached = [p for p in (tmp_path / "cache" / "checkpoints").iterdir() if p.is_dir()]
+    assert not cached, f"a refused checkpoint was cached: {cached}"
