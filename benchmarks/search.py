@@ -1,89 +1,233 @@
-"""Search latency and recall: exact (numpy matmul over memory-mapped vectors) and ANN (FAISS HNSW),
-top-10, at N vectors of 512 dims, through the product's own Searcher on a synthetic index.
+"""Search at scale: build time and memory, latency and recall@10 of the ANN (IVF-PQ + exact re-ranking)
+against exact search, with and without filters, and the time to append rows, through the product's own
+index files and Searcher on a synthetic index.
 
 Synthetic vectors: 48 latent dimensions mapped to 512 plus isotropic noise, L2-normalised (embeddings
 of real collections have low intrinsic dimension; uniform random vectors would make any ANN look bad).
-Usage: python -m benchmarks.search --n 100000 1000000 [--queries 200] [--out results/search.json]
+They are generated and written in blocks, so N can exceed memory. Build, exact ground truth, ANN search
+and the update each run in a fresh process, so each peak RSS (VmHWM) is its own.
+
+Usage: python -m benchmarks.search --n 1000000 [--queries 200] [--nprobe 128 256] [--rerank 10 30]
+       [--data /work/bench-data] [--keep] [--reuse] [--update 100000] [--out benchmarks/results/search.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import multiprocessing
 import os
 import platform
+import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.index import AnnConfig, write_synthetic_index
-from pipeline.search import Searcher
+from pipeline.index import AnnConfig, append_synthetic_index, write_synthetic_index
+
+FILTERS = {"label >= 0.9 (10%)": {"label": "synthetic", "min_score": 0.9},
+           "uri prefix (11%)": {"uri_prefix": "synthetic://1"},
+           "label >= 0.99 (1%)": {"label": "synthetic", "min_score": 0.99}}
+
+
+def _mixing(seed: int, dim: int, latent: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((latent, dim)).astype(np.float32)
+
+
+def synthetic_blocks(n: int, dim: int = 512, latent: int = 48, seed: int = 0, block: int = 100_000, first: int = 0):
+    """Rows first..n-1 of the synthetic set, in blocks (row i is the same whatever `first` and `block`)."""
+    mixing = _mixing(seed, dim, latent)
+    for start in range(first - first % block, n, block):
+        rng = np.random.default_rng([seed, start])
+        m = min(block, n - start)
+        rows = rng.standard_normal((m, latent)).astype(np.float32) @ mixing
+        rows += 0.5 * rng.standard_normal((m, dim)).astype(np.float32)
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        yield rows[max(0, first - start):]
+
+
+def synthetic_queries(count: int, dim: int = 512, latent: int = 48, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng([seed, -1 % 2**32])
+    queries = rng.standard_normal((count, latent)).astype(np.float32) @ _mixing(seed, dim, latent)
+    return queries / np.linalg.norm(queries, axis=1, keepdims=True)
 
 
 def synthetic(n: int, dim: int = 512, latent: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    mixing = rng.standard_normal((latent, dim)).astype(np.float32)
-    out = np.empty((n, dim), np.float32)
-    for start in range(0, n, 100_000):
-        m = min(100_000, n - start)
-        block = rng.standard_normal((m, latent)).astype(np.float32) @ mixing
-        block += 0.5 * rng.standard_normal((m, dim)).astype(np.float32)
-        out[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    queries = rng.standard_normal((400, latent)).astype(np.float32) @ mixing
-    return out, queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    """(n vectors, 400 queries) in memory, for tests."""
+    return np.concatenate(list(synthetic_blocks(n, dim, latent, seed))), synthetic_queries(400, dim, latent, seed)
 
 
-def measure(n: int, queries: int, ann: AnnConfig, ef_values: list[int]) -> list[dict]:
-    vectors, qs = synthetic(n)
-    qs = qs[:queries]
-    with tempfile.TemporaryDirectory() as out:
-        started = time.time()
-        write_synthetic_index(out, vectors, ann)
-        build_s = time.time() - started
-        del vectors
-        exact = Searcher(out, exact=True)
-        truth, exact_ms = [], []
-        for q in qs:
-            t = time.perf_counter()
-            hits = exact.vector(q, 10, segments=True)
-            exact_ms.append((time.perf_counter() - t) * 1000)
-            truth.append({h.clip_id for h in hits})
-        del exact
-        rows = []
-        approx = Searcher(out)
-        for ef in ef_values:
-            approx.tables["segments"].ef_search = ef
-            ann_ms, recall = [], []
-            for q, want in zip(qs, truth):
+def _peak() -> dict:
+    """This process's peak and current resident memory (GB), from /proc/self/status."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                fields[key] = round(int(value.split()[0]) / 2**20, 2)
+    return fields
+
+
+THREADS = {"faiss": None}
+
+
+def _call(fn, threads, args):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if threads:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+    return fn(*args)
+
+
+def _in_child(fn, *args):
+    """Run fn(*args) in a fresh process (with the faiss thread count asked for); its return value."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_call, (fn, THREADS["faiss"], args))
+
+
+def _build(out: str, n: int, ann: AnnConfig) -> dict:
+    started = time.time()
+    write_synthetic_index(out, synthetic_blocks(n), ann)
+    return {"build_s": round(time.time() - started, 1), "build_memory_gb": _peak()}
+
+
+def _truth(out: str, queries: np.ndarray, k: int, single: int) -> dict:
+    """Exact top-k per query (the product's exact path, all queries in one pass per shard), per filter,
+    and the latency of single exact queries."""
+    from pipeline.search import Filters, Searcher
+
+    searcher = Searcher(out, exact=True)
+    table = searcher.tables["segments"]
+    out_rows = {}
+    for name, spec in {"none": {}, **FILTERS}.items():
+        mask = table.mask(Filters(**spec), searcher.labels)
+        qs = queries if name == "none" else queries[:50]
+        out_rows[name] = searcher._search(table, qs, mask, k)[1].tolist()
+    times = []
+    for q in queries[:single]:
+        started = time.perf_counter()
+        searcher.vector(q, k, segments=True)
+        times.append((time.perf_counter() - started) * 1000)
+    return {"truth": out_rows, "exact_ms": times, "exact_memory_gb": _peak()}
+
+
+def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[tuple[int, int]]) -> dict:
+    """Latency and recall@k of the ANN path, per (nprobe, rerank), unfiltered and filtered."""
+    from pipeline.search import Filters, Searcher
+
+    started = time.perf_counter()
+    searcher = Searcher(out)
+    searcher.warm()
+    load_s = time.perf_counter() - started
+    table = searcher.tables["segments"]
+    rows = []
+    for nprobe, rerank in settings:
+        table.nprobe, table.rerank = nprobe or AnnConfig().probes(table.nlist), rerank
+        for name, spec in {"none": {}, **FILTERS}.items():
+            filters = Filters(**spec)
+            want = truth[name]
+            qs = queries[:len(want)]
+            table.mask(filters, searcher.labels)  # masks are cached per filter: time the search, not the first mask
+            ms, recall = [], []
+            for q, expected in zip(qs, want):
                 t = time.perf_counter()
-                hits = approx.vector(q, 10, segments=True)
-                ann_ms.append((time.perf_counter() - t) * 1000)
-                recall.append(len(want & {h.clip_id for h in hits}) / 10)
-            rows.append({"n": n, "dim": 512, "queries": queries, "build_s": round(build_s, 1),
-                         "exact_ms_median": round(float(np.median(exact_ms)), 2),
-                         "exact_ms_p95": round(float(np.percentile(exact_ms, 95)), 2),
-                         "ef_search": ef, "ann_ms_median": round(float(np.median(ann_ms)), 3),
-                         "ann_ms_p95": round(float(np.percentile(ann_ms, 95)), 3),
-                         "recall_at_10": round(float(np.mean(recall)), 4), "ann": ann.__dict__})
-    return rows
+                hits = searcher._top(table, q, table.mask(filters, searcher.labels), k)[0]
+                ms.append((time.perf_counter() - t) * 1000)
+                recall.append(len(set(expected) & set(hits.tolist())) / k)
+                assert len(hits) == k
+            rows.append({"nprobe": table.nprobe, "nlist": table.nlist, "rerank": rerank, "filter": name, "queries": len(qs),
+                         "ann_ms_median": round(float(np.median(ms)), 3),
+                         "ann_ms_p95": round(float(np.percentile(ms, 95)), 3),
+                         "recall_at_10": round(float(np.mean(recall)), 4)})
+            logging.getLogger("benchmarks.search").info("%s", rows[-1])
+    mask_ms = []
+    for i in range(5):  # the first query with a new filter builds its mask (uri prefix: a scan of every uri)
+        filters = Filters(uri_prefix=f"synthetic://{i + 2}")
+        t = time.perf_counter()
+        table.mask(filters, searcher.labels)
+        mask_ms.append((time.perf_counter() - t) * 1000)
+    hits = searcher.vector(queries[0], k)
+    return {"rows": rows, "load_s": round(load_s, 2), "new_uri_filter_mask_ms": round(float(np.median(mask_ms)), 1),
+            "clip_level_hits": len(hits), "search_memory_gb": _peak()}
+
+
+def _update(out: str, n: int, added: int, ann: AnnConfig) -> dict:
+    from pipeline.search import Searcher
+
+    vectors = np.concatenate(list(synthetic_blocks(n + added, first=n, seed=0)))
+    started = time.time()
+    append_synthetic_index(out, vectors, ann)
+    update_s = time.time() - started
+    searcher = Searcher(out)
+    probe = np.linspace(0, added - 1, 20).astype(int)
+    found = sum(searcher.vector(vectors[i], 1, segments=True)[0].uri == f"synthetic://{n + i}" for i in probe)
+    return {"update_rows": added, "update_s": round(update_s, 1), "update_found_self": f"{found}/{len(probe)}",
+            "update_memory_gb": _peak()}
+
+
+def measure(n: int, queries: int, ann: AnnConfig, settings: list[tuple[int, int]], data: str | None,
+            keep: bool, reuse: bool, update: int) -> dict:
+    out = os.path.join(data, f"search-{n}") if data else tempfile.mkdtemp(prefix="search-bench-")
+    qs = synthetic_queries(queries)
+    try:
+        built = {}
+        if not (reuse and os.path.exists(os.path.join(out, "_index", "index.json"))):
+            shutil.rmtree(out, ignore_errors=True)
+            built = _in_child(_build, out, n, ann)
+        truth = _in_child(_truth, out, qs, 10, 5)
+        searched = _in_child(_search, out, qs, truth["truth"], 10, settings)
+        size = sum(f.stat().st_size for f in Path(out, "_index").iterdir())
+        updated = _in_child(_update, out, n, update, ann) if update else {}
+        return {"n": n, "dim": 512, "queries": queries, **built, "index_gb": round(size / 2**30, 2),
+                "exact_ms_median": round(float(np.median(truth["exact_ms"])), 1), "exact_queries": len(truth["exact_ms"]),
+                "exact_memory_gb": truth["exact_memory_gb"], **{k: v for k, v in searched.items()}, **updated,
+                "ann": asdict(ann)}
+    finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[100_000])
     p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--ef-search", type=int, nargs="+", default=[128, 256, 320, 512])
+    p.add_argument("--nprobe", type=int, nargs="+", default=[None], help="default: AnnConfig.probe_fraction of the lists")
+    p.add_argument("--rerank", type=int, nargs="+", default=[AnnConfig.rerank])
+    p.add_argument("--nlist", type=int, help="IVF lists (default: AnnConfig's rule)")
+    p.add_argument("--data", help="directory for the index files (default: a temporary directory)")
+    p.add_argument("--keep", action="store_true", help="keep the index files under --data")
+    p.add_argument("--reuse", action="store_true", help="reuse an index already under --data")
+    p.add_argument("--update", type=int, default=0, help="then append this many rows and time it")
+    p.add_argument("--threads", type=int, help="faiss OpenMP threads (default: one per core)")
     p.add_argument("--out", default="benchmarks/results/search.json")
     args = p.parse_args(argv)
-    rows = [row for n in args.n for row in measure(n, args.queries, AnnConfig(), args.ef_search)]
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
-              "rows": rows}
-    print(f"{'N':>9} {'build s':>8} {'exact ms':>9} {'efSearch':>9} {'ANN ms':>8} {'recall@10':>10}")
-    for r in rows:
-        print(f"{r['n']:>9} {r['build_s']:>8} {r['exact_ms_median']:>9} {r['ef_search']:>9} "
-              f"{r['ann_ms_median']:>8} {r['recall_at_10']:>10}")
+    THREADS["faiss"] = args.threads
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    ann = AnnConfig(nlist=args.nlist) if args.nlist else AnnConfig()
+    settings = [(a, b) for a in args.nprobe for b in args.rerank]
+    results = [measure(n, args.queries, ann, settings, args.data, args.keep, args.reuse, args.update) for n in args.n]
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_at_end": load,
+              "faiss_threads": args.threads or os.cpu_count(),
+              "results": results}
+    print(f"{'N':>10} {'build s':>8} {'exact ms':>9} {'nprobe':>7} {'rerank':>7} {'filter':>20} {'ANN ms':>8} "
+          f"{'p95 ms':>8} {'recall@10':>10}")
+    for r in results:
+        for row in r["rows"]:
+            print(f"{r['n']:>10} {r.get('build_s', '-'):>8} {r['exact_ms_median']:>9} {row['nprobe']:>7} "
+                  f"{row['rerank']:>7} {row['filter']:>20} {row['ann_ms_median']:>8} {row['ann_ms_p95']:>8} "
+                  f"{row['recall_at_10']:>10}")
+        print(f"{r['n']:>10} search RSS peak {r['search_memory_gb']['VmHWM']} GB, index {r['index_gb']} GB on disk, "
+              f"update {r.get('update_rows', 0)} rows {r.get('update_s', '-')} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

@@ -7,9 +7,10 @@ answers queries in memory, so a service can hold one.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline.arrow import to_matrix
 from pipeline.commits import read_commits
-from pipeline.index import AnnConfig, fetch_index
+from pipeline.index import AnnConfig, fetch_index, store_of
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +54,72 @@ class Hit:
         return {k: v for k, v in self.__dict__.items()}
 
 
-class _Table:
-    """One memory-mapped table of vectors with its filter columns and its ANN index."""
+class _Mask:
+    """Rows a query may return: a bool per row, its count, and the packed bitmap FAISS filters with."""
 
-    def __init__(self, directory: str, name: str, ef_search: int):
-        self._source = pa.memory_map(os.path.join(directory, f"{name}.arrow"))
+    def __init__(self, keep: np.ndarray):
+        self.keep = keep
+        self.count = int(keep.sum())
+        self.all = self.count == len(keep)
+        self._bits = None if self.all else np.packbits(keep, bitorder="little")
+
+    def selector(self):
+        import faiss
+
+        return None if self.all else faiss.IDSelectorBitmap(len(self.keep), faiss.swig_ptr(self._bits))
+
+
+class _Table:
+    """One index table: memory-mapped row metadata with its filter columns, the float16 vectors
+    (fetched on first use) and the IVF-PQ (read into memory on first ANN search)."""
+
+    MASKS_KEPT = 16  # per-filter masks cached (10 MB each at 10M rows): a service sees the same filters often
+
+    def __init__(self, files, entry: dict, dim: int, nprobe: int, rerank: int):
+        self._source = pa.memory_map(files.path(entry["meta"]))
         self.data = pa.ipc.open_file(self._source).read_all()
-        self.vectors = to_matrix(self.data.column("clap_embedding"))
+        self.vectors = store_of(files, entry, dim)
         self.live = np.asarray(self.data.column("live"))
-        self.clip_ids = np.asarray(self.data.column("clip_id").to_numpy(zero_copy_only=False))
-        self.ef_search = ef_search
-        self._ann_path = os.path.join(directory, f"{name}.faiss")
+        self.nprobe, self.rerank = nprobe, rerank
+        self._ann_path = files.path(entry["ann"]) if entry["ann"] else None
         self._ann = None
+        self._lock = threading.Lock()
+        self._masks: OrderedDict = OrderedDict()
 
     @property
     def ann(self):
-        """The HNSW index, loaded on first ANN search (exact-only searchers never hold it in memory)."""
-        if self._ann is None and os.path.exists(self._ann_path):
-            import faiss
+        """The IVF-PQ, loaded on first ANN search (exact-only searchers never hold it in memory)."""
+        if self._ann is None and self._ann_path:
+            with self._lock:
+                if self._ann is None:
+                    import faiss
 
-            self._ann = faiss.read_index(self._ann_path)
+                    index = faiss.read_index(self._ann_path)
+                    self.nlist = faiss.extract_index_ivf(index).nlist
+                    if self.nprobe is None:
+                        self.nprobe = AnnConfig().probes(self.nlist)
+                    self._ann = index
         return self._ann
 
-    def mask(self, filters: Filters, labels: list[str]) -> np.ndarray:
+    def clip_ids(self, rows) -> np.ndarray:
+        return np.asarray(self.data.column("clip_id").take(pa.array(np.asarray(rows, np.int64))).to_pylist(), object)
+
+    def rows_of(self, clip_id: str) -> np.ndarray:
+        return np.flatnonzero(np.asarray(pc.equal(self.data.column("clip_id"), clip_id)) & self.live)
+
+    def mask(self, filters: Filters, labels: list[str]) -> _Mask:
+        with self._lock:
+            if filters in self._masks:
+                self._masks.move_to_end(filters)
+                return self._masks[filters]
+        found = _Mask(self._keep(filters, labels))
+        with self._lock:
+            self._masks[filters] = found
+            while len(self._masks) > self.MASKS_KEPT:
+                self._masks.popitem(last=False)
+        return found
+
+    def _keep(self, filters: Filters, labels: list[str]) -> np.ndarray:
         keep = self.live.copy()
         if filters.label:
             if filters.label not in labels:
@@ -93,23 +137,24 @@ class _Table:
 class Searcher:
     """Holds an index in memory and answers queries; see `text`, `audio`, `like`, `zero_shot`, `duplicates`."""
 
-    def __init__(self, output: str, ef_search: int = AnnConfig.ef_search, exact: bool = False, clap_model: str | None = None,
-                 exact_below: int = 20_000):
-        """`exact_below`: searches over fewer matching rows than this go exact (cheap, and HNSW with a
-        very selective filter loses recall)."""
+    def __init__(self, output: str, nprobe: int | None = None, rerank: int = AnnConfig.rerank,
+                 exact: bool = False, clap_model: str | None = None, exact_below: int = 20_000):
+        """`nprobe`: IVF lists scanned per query (None: AnnConfig.probe_fraction of them); `rerank`: ANN
+        candidates re-scored exactly per hit asked for. `exact_below`: searches over fewer matching rows than this go exact (cheap, and an IVF scan
+        under a very selective filter finds too few matching candidates)."""
         self.output = output
         self.exact_below = exact_below
-        directory = fetch_index(output)
-        if directory is None or not os.path.exists(os.path.join(directory, "index.json")):
+        files = fetch_index(output)
+        if files is None:
             raise SearchError(f"no index under {output}: run `python -m jobs.index --output {output}`")
-        with open(os.path.join(directory, "index.json")) as f:
-            self.info = json.load(f)
+        self.info = files.info()
         self.model = self.info["model"]
         if clap_model and clap_model != self.model["source"]:
             raise SearchError(f"the index was embedded with {self.model['source']} "
                               f"(revision {self.model['revision']}), not {clap_model}")
         self.labels = self.info["labels"]
-        self.tables = {name: _Table(directory, name, ef_search) for name in ("clips", "segments")}
+        self.tables = {name: _Table(files, self.info["tables"][name], self.info["dim"], nprobe, rerank)
+                       for name in ("clips", "segments")}
         self.stale = self._stale()
         self.exact = exact or self.stale
         if self.stale:
@@ -123,6 +168,11 @@ class Searcher:
         latest = [c for c in read_commits(self.output) if c["settings_hash"] == self.info["settings_hash"]]
         return any(c["run_id"] not in covered for c in latest)
 
+    def warm(self) -> None:
+        """Load now what the first ANN query would load (the IVF-PQ of the segments table)."""
+        if not self.exact:
+            _ = self.tables["segments"].ann
+
     # queries -------------------------------------------------------------------------------------
     def text(self, query: str, k: int = 10, filters: Filters = Filters(), segments: bool = False) -> list[Hit]:
         return self.vector(self.embed_text([query])[0], k, filters, segments)
@@ -132,10 +182,10 @@ class Searcher:
 
     def like(self, clip_id: str, k: int = 10, filters: Filters = Filters(), segments: bool = False) -> list[Hit]:
         clips = self.tables["clips"]
-        rows = np.flatnonzero((clips.clip_ids == clip_id) & clips.live)
+        rows = clips.rows_of(clip_id)
         if not len(rows):
             raise SearchError(f"unknown clip_id {clip_id!r}")
-        hits = self.vector(clips.vectors[rows[0]], k + 1, filters, segments)
+        hits = self.vector(clips.vectors.get(rows[:1])[0], k + 1, filters, segments)
         return [h for h in hits if h.clip_id != clip_id][:k]
 
     def vector(self, query: np.ndarray, k: int, filters: Filters = Filters(), segments: bool = False) -> list[Hit]:
@@ -167,81 +217,110 @@ class Searcher:
         """Per clip, the `top` labels of a user's label set by CLAP audio-text similarity (softmax)."""
         text = self.embed_text([prompt.format(label=label) for label in labels])
         clips = self.tables["clips"]
-        rows = np.flatnonzero(clips.live)
-        logits = self._text.logit_scale * (clips.vectors[rows] @ text.T)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :top]
-        uris = clips.data.column("uri").to_pylist()
-        return [{"clip_id": clips.clip_ids[r], "uri": uris[r],
-                 "labels": [{"label": labels[j], "score": float(probs[i, j])} for j in order[i]]}
-                for i, r in enumerate(rows)]
+        out = []
+        uris = clips.data.column("uri")
+        for start, block in clips.vectors.blocks():
+            live = np.flatnonzero(clips.live[start:start + len(block)])
+            if not len(live):
+                continue
+            logits = self._text.logit_scale * (block[live] @ text.T)
+            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+            order = np.argsort(-probs, axis=1, kind="stable")[:, :top]
+            rows = live + start
+            ids, block_uris = clips.clip_ids(rows), uris.take(pa.array(rows)).to_pylist()
+            out += [{"clip_id": ids[i], "uri": block_uris[i],
+                     "labels": [{"label": labels[j], "score": float(probs[i, j])} for j in order[i]]}
+                    for i in range(len(rows))]
+        return out
 
     def duplicates(self, threshold: float = 0.95, neighbours: int = 10) -> list[dict]:
         """Pairs of live clips with cosine >= threshold (each pair once, highest first)."""
         clips = self.tables["clips"]
-        rows = np.flatnonzero(clips.live)
+        mask = clips.mask(Filters(), self.labels)
         pairs = {}
-        for start in range(0, len(rows), 4096):
-            block = rows[start:start + 4096]
-            if self.exact or clips.ann is None:
-                sims = clips.vectors[block] @ clips.vectors.T
-                sims[:, ~clips.live] = -np.inf
-                cand = np.argsort(-sims, axis=1)[:, :neighbours + 1]
-                cand_scores = np.take_along_axis(sims, cand, axis=1)
-            else:
-                cand_scores, cand = clips.ann.search(np.ascontiguousarray(clips.vectors[block]), neighbours + 1)
-            for i, r in enumerate(block):
+        for start, block in clips.vectors.blocks(4096):
+            rows = np.flatnonzero(clips.live[start:start + len(block)])
+            if not len(rows):
+                continue
+            cand_scores, cand = self._search(clips, block[rows], mask, neighbours + 1)
+            for i, r in enumerate(rows + start):
                 for j, s in zip(cand[i], cand_scores[i]):
-                    if j >= 0 and j != r and clips.live[j] and s >= threshold:
+                    if j >= 0 and j != r and s >= threshold:
                         pairs[tuple(sorted((int(r), int(j))))] = float(s)
-        uris = clips.data.column("uri").to_pylist()
-        return [{"clip_a": clips.clip_ids[a], "uri_a": uris[a], "clip_b": clips.clip_ids[b], "uri_b": uris[b],
-                 "score": s} for (a, b), s in sorted(pairs.items(), key=lambda p: -p[1])]
+        uris = clips.data.column("uri")
+        out = []
+        for (a, b), s in sorted(pairs.items(), key=lambda p: -p[1]):
+            ids = clips.clip_ids([a, b])
+            out.append({"clip_a": ids[0], "uri_a": uris[a].as_py(), "clip_b": ids[1], "uri_b": uris[b].as_py(),
+                        "score": s})
+        return out
 
     # internals ------------------------------------------------------------------------------------
-    def _top(self, table: _Table, query: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows among `mask`: ANN with the mask as an id selector, exact when the ANN is off,
-        stale, or the mask is selective enough that exact is cheaper; never fewer than min(k, matches)."""
-        matches = int(mask.sum())
-        k = min(k, matches)
+    def _top(self, table: _Table, query: np.ndarray, mask: _Mask, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows among `mask` for one query; never fewer than min(k, matches)."""
+        k = min(k, mask.count)
         if k == 0:
             return np.array([], int), np.array([], np.float32)
-        if not self.exact and matches >= self.exact_below and table.ann is not None:
+        scores, rows = self._search(table, query[None, :], mask, k)
+        return rows[0], scores[0]
+
+    def _search(self, table: _Table, queries: np.ndarray, mask: _Mask, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (len(queries), k), best first, exact scores. IVF-PQ with the mask as an id
+        selector, then the `rerank * k` best candidates re-scored against the float16 vectors; exact when
+        the ANN is off or stale, or the mask is selective enough that exact is cheaper. A query whose
+        ANN candidates hold fewer than min(k, matches) rows is answered exactly."""
+        want = min(k, mask.count)
+        if not self.exact and mask.count >= self.exact_below and table.ann is not None:
             import faiss
 
-            params = faiss.SearchParametersHNSW(efSearch=max(table.ef_search, k))
-            if matches < len(mask):
-                params.sel = faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))
-            scores, rows = table.ann.search(query[None, :], k, params=params)
-            rows, scores = rows[0], scores[0]
-            if (rows >= 0).sum() == k:
-                return rows, scores
-            log.info("ANN returned fewer than %d hits under the filter: exact search", k)
-        if matches > len(mask) // 4:  # score every row in place: no copy of the matrix
-            scores = table.vectors @ query
-            scores[~mask] = -np.inf
-            candidates = np.arange(len(mask))
-        else:
-            candidates = np.flatnonzero(mask)
-            scores = table.vectors[candidates] @ query
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.lexsort((candidates[top], -scores[top]))]
-        return candidates[top], scores[top]
+            # a filter keeping a fraction f of rows: probe 1/f as many lists, so as many matching rows are scanned
+            nprobe = min(table.nlist, math.ceil(table.nprobe * len(mask.keep) / mask.count))
+            params = faiss.SearchParametersIVF(nprobe=nprobe, sel=mask.selector())
+            candidates = max(k * table.rerank, k)
+            _, cand = table.ann.search(np.ascontiguousarray(queries, np.float32), candidates, params=params)
+            scores = np.full((len(queries), k), -np.inf, np.float32)
+            rows = np.full((len(queries), k), -1, np.int64)
+            short = []
+            for i, q in enumerate(queries):
+                found = cand[i][cand[i] >= 0]
+                if len(found) < want:
+                    short.append(i)
+                    continue
+                exact = table.vectors.get(found) @ q
+                top = np.lexsort((found, -exact))[:k]
+                scores[i, :len(top)], rows[i, :len(top)] = exact[top], found[top]
+            if not short:
+                return scores, rows
+            log.info("ANN returned fewer than %d hits under the filter for %d queries: exact search", want, len(short))
+            scores[short], rows[short] = self._exact(table, queries[short], mask, k)
+            return scores, rows
+        return self._exact(table, queries, mask, k)
 
-    def _top_clips(self, table: _Table, query, mask, k) -> tuple[np.ndarray, np.ndarray]:
+    def _exact(self, table: _Table, queries: np.ndarray, mask: _Mask, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if mask.count <= max(self.exact_below, 1):  # few rows: gather them (random reads) and score in memory
+            rows = np.flatnonzero(mask.keep)
+            scores = queries @ table.vectors.get(rows).T
+            order = np.lexsort((np.broadcast_to(rows, scores.shape), -scores), axis=1)[:, :k]
+            out_scores, out_rows = np.take_along_axis(scores, order, axis=1), rows[order]
+            pad = k - out_rows.shape[1]
+            return (np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf),
+                    np.pad(out_rows, ((0, 0), (0, pad)), constant_values=-1))
+        return table.vectors.search(queries, k, None if mask.all else mask.keep)
+
+    def _top_clips(self, table: _Table, query, mask: _Mask, k) -> tuple[np.ndarray, np.ndarray]:
         """Best window per clip, top-k clips: widen the window search until k distinct clips are found."""
         want = k * 4
         while True:
             rows, scores = self._top(table, query, mask, want)
-            _, first = np.unique(table.clip_ids[rows], return_index=True)
+            _, first = np.unique(table.clip_ids(rows), return_index=True)
             best = np.sort(first)  # rows are by score, so a clip's first row is its best window
-            if len(best) >= k or len(rows) == int(mask.sum()):
+            if len(best) >= k or len(rows) == mask.count:
                 return rows[best][:k], scores[best][:k]
             want *= 4
 
     def _hit(self, table: _Table, row: int, score: float) -> Hit:
         d = table.data
-        return Hit(clip_id=str(table.clip_ids[row]), uri=d.column("uri")[row].as_py(), score=float(score),
+        return Hit(clip_id=d.column("clip_id")[row].as_py(), uri=d.column("uri")[row].as_py(), score=float(score),
                    start_s=d.column("start_s")[row].as_py(), end_s=d.column("end_s")[row].as_py(),
                    duration_s=d.column("duration_s")[row].as_py())

@@ -100,12 +100,13 @@ def create_app(output: str, searcher: Searcher | None = None, exact: bool = Fals
                max_upload_bytes: int = MAX_UPLOAD_BYTES, preload: bool = True) -> FastAPI:
     """The app for the tagging output `output` (local path or URI) with its index under OUTPUT/_index.
 
-    `preload` loads the CLAP text tower now rather than on the first query (the audio tower still loads
-    on the first upload)."""
+    `preload` loads the CLAP text tower and the IVF-PQ now rather than on the first query (the audio
+    tower still loads on the first upload; float16 vector shards on the first query that needs them)."""
     searcher = searcher or Searcher(output, exact=exact, clap_model=clap_model)
     engine = _Engine(searcher, Catalog(output, searcher.info["settings_hash"]))
     if preload:
         searcher.embed_text(["warm-up"])
+        searcher.warm()
     metrics = Metrics()
     max_body = max_upload_bytes + 64 * 1024  # the file plus multipart framing
     app = FastAPI(title="Audio search", version=__version__, description=__doc__)

@@ -40,8 +40,9 @@ def tagged(tmp_path_factory, checkpoints, local_ray):
 
 
 def _brute(out: Path):
+    """The segments and their embeddings as the index stores them (float16), scored in float32."""
     segs = read_current(str(out), "segments").to_pandas()
-    return segs, np.stack(segs.clap_embedding.to_numpy())
+    return segs, np.stack(segs.clap_embedding.to_numpy()).astype(np.float16).astype(np.float32)
 
 
 def test_exact_search_equals_brute_force(tagged):
@@ -170,20 +171,26 @@ def test_search_cli_json_and_table(tagged):
     assert unknown.returncode == 2 and "unknown clip_id" in unknown.stderr
 
 
-def test_ann_recall_and_filtered_ann_keep_k(tmp_path):
-    """50k synthetic 512-d vectors through the real index files and Searcher: HNSW recall@10 >= 0.95
-    against exact, and a filter that keeps 40% of rows still yields k hits from the ANN path."""
+def test_ann_recall_filters_and_incremental_update(tmp_path):
+    """50k synthetic 512-d vectors through the real index files and Searcher: IVF-PQ + re-ranking has
+    recall@10 >= 0.95 against exact with exact scores; a filter keeping 11% of rows still yields k hits
+    from the ANN path; appending rows adds them to the IVF lists without retraining, and they are found."""
+    import faiss
+
     from benchmarks.search import synthetic
-    from pipeline.index import write_synthetic_index
+    from pipeline.index import AnnConfig, append_synthetic_index, write_synthetic_index
 
     vectors, queries = synthetic(50_000, seed=1)
-    write_synthetic_index(str(tmp_path), vectors)
+    info = write_synthetic_index(str(tmp_path), vectors)
+    assert info["tables"]["segments"]["ann"]
     exact, approx = Searcher(str(tmp_path), exact=True), Searcher(str(tmp_path))
     recalls = []
     for q in queries[:50]:
-        want = {h.clip_id for h in exact.vector(q, 10, segments=True)}
-        got = {h.clip_id for h in approx.vector(q, 10, segments=True)}
-        recalls.append(len(want & got) / 10)
+        want = exact.vector(q, 10, segments=True)
+        got = approx.vector(q, 10, segments=True)
+        recalls.append(len({h.clip_id for h in want} & {h.clip_id for h in got}) / 10)
+        stored = vectors[[int(h.uri.rsplit("/", 1)[1]) for h in got]].astype(np.float16).astype(np.float32)
+        np.testing.assert_allclose([h.score for h in got], stored @ q, atol=1e-5)  # re-ranked: exact scores
     assert np.mean(recalls) >= 0.95, np.mean(recalls)
     prefix = "synthetic://1"  # ids 1, 10-19, 100-199, ...: 11,111 of 50,000 rows
     filtered = Searcher(str(tmp_path), exact_below=1_000)  # force the ANN path under the filter
@@ -194,6 +201,25 @@ def test_ann_recall_and_filtered_ann_keep_k(tmp_path):
         want = {h.clip_id for h in exact.vector(q, 10, Filters(uri_prefix=prefix), segments=True)}
         recalls.append(len(want & {h.clip_id for h in hits}) / 10)
     assert np.mean(recalls) >= 0.9, np.mean(recalls)
+    rare = Filters(label="synthetic", min_score=0.9995)  # a few dozen rows: exact over the matches, all of them
+    matching = int((((np.arange(50_000) * 0.6180339887498949) % 1.0).astype(np.float32) >= 0.9995).sum())
+    assert 0 < matching < 100 and len(filtered.vector(queries[0], 100, rare, segments=True)) == matching
+
+    ann_file = lambda: faiss.read_index(str(tmp_path / "_index" / Searcher(str(tmp_path)).info["tables"]["segments"]["ann"]))
+    centroids = faiss.extract_index_ivf(ann_file()).quantizer.reconstruct_n(0, 8)
+    new = synthetic(52_000, seed=2)[0][50_000:]
+    info = append_synthetic_index(str(tmp_path), new, AnnConfig())
+    assert info["rows"]["segments"] == 52_000 and len(info["tables"]["segments"]["vectors"]) == 2
+    after = ann_file()
+    assert after.ntotal == 52_000
+    np.testing.assert_array_equal(faiss.extract_index_ivf(after).quantizer.reconstruct_n(0, 8), centroids)
+    updated = Searcher(str(tmp_path))
+    for i in (0, 777, 1999):
+        hit = updated.vector(new[i], 1, segments=True)[0]
+        assert hit.uri == f"synthetic://{50_000 + i}" and hit.score == pytest.approx(1.0, abs=1e-3)
+    assert sorted(p.name for p in (tmp_path / "_index").iterdir()) == sorted(
+        ["index.json"] + [info["tables"]["segments"][k] for k in ("meta", "ann")]
+        + [v["file"] for v in info["tables"]["segments"]["vectors"]])  # the replaced generation's files are gone
 
 
 def test_tag_job_zero_shot_matches_clap_logits_per_audio(checkpoints, tmp_path, local_ray):
@@ -215,3 +241,45 @@ def test_tag_job_zero_shot_matches_clap_logits_per_audio(checkpoints, tmp_path, 
         probs = model(**texts, **audio).logits_per_audio.softmax(-1)[0].numpy()
     got = {d["label"]: d["score"] for d in row["zero_shot"]}
     np.testing.assert_allclose([got[x] for x in labels], probs, atol=1e-4, rtol=0)
+
+
+def test_index_in_object_storage_loads_lazily(tmp_path, monkeypatch):
+    """An index written to the S3 test server: a Searcher downloads index.json, row metadata and the
+    IVF-PQ at start, each float16 vector shard on the first query that needs it, and answers as the
+    same index on local disk does."""
+    import fsspec
+    import s3fs
+
+    from benchmarks.search import synthetic
+    from pipeline.index import AnnConfig, write_synthetic_index
+    from tests.s3 import MotoS3
+
+    vectors, queries = synthetic(30_000, seed=3)
+    ann = AnnConfig(shard_rows=16_384)  # two shards
+    with MotoS3() as moto:
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto.endpoint,
+                           "AUDIO_TAGGING_CACHE": str(tmp_path / "cache")}.items():
+            monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            fsspec.filesystem("s3").mkdir("indexes")
+            info = write_synthetic_index("s3://indexes/out", vectors, ann)
+            entry = info["tables"]["segments"]
+            assert len(entry["vectors"]) == 2 and entry["ann"]
+            assert sorted(p.rsplit("/", 1)[1] for p in fsspec.filesystem("s3").ls("indexes/out/_index")) == sorted(
+                ["index.json", entry["meta"], entry["ann"]] + [v["file"] for v in entry["vectors"]])
+            for cached in (tmp_path / "cache").rglob("*"):  # the writer's own cache: start empty, as a service would
+                if cached.is_file():
+                    cached.unlink()
+            remote = Searcher("s3://indexes/out")
+            cache = next((tmp_path / "cache" / "indexes").iterdir())
+            assert sorted(p.name for p in cache.iterdir()) == sorted([entry["meta"], entry["ann"]])
+            hits = remote.vector(queries[0], 10, segments=True)
+            assert {p.name for p in cache.iterdir()} >= {v["file"] for v in entry["vectors"]}
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+    write_synthetic_index(str(tmp_path / "local"), vectors, ann)
+    local = Searcher(str(tmp_path / "local")).vector(queries[0], 10, segments=True)
+    assert [h.uri for h in hits] == [h.uri for h in local]
+    np.testing.assert_allclose([h.score for h in hits], [h.score for h in local], atol=1e-6)
