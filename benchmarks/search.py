@@ -44,8 +44,8 @@ def synthetic_blocks(n: int, dim: int = 512, latent: int = 48, seed: int = 0, bl
     for start in range(first - first % block, n, block):
         rng = np.random.default_rng([seed, start])
         m = min(block, n - start)
-        rows = rng.standard_normal((m, latent)).astype(np.float32) @ mixing
-        rows += 0.5 * rng.standard_normal((m, dim)).astype(np.float32)
+        rows = rng.standard_normal((m, latent), dtype=np.float32) @ mixing
+        rows += 0.5 * rng.standard_normal((m, dim), dtype=np.float32)
         rows /= np.linalg.norm(rows, axis=1, keepdims=True)
         yield rows[max(0, first - start):]
 

@@ -472,9 +472,10 @@ def _synthetic_batch(start: int, n: int) -> pa.RecordBatch:
     from pipeline.arrow import fixed_list
 
     ids = np.arange(start, start + n).astype(str)
+    strings = lambda a: pa.chunked_array([pa.array(a)]).combine_chunks()  # numpy str arrays may convert chunked
     return pa.RecordBatch.from_pydict({
-        "clip_id": pa.array(np.char.add("c", np.char.zfill(ids, 8))),
-        "uri": pa.array(np.char.add("synthetic://", ids)),
+        "clip_id": strings(np.char.add("c", np.char.zfill(ids, 8))),
+        "uri": strings(np.char.add("synthetic://", ids)),
         "segment_index": pa.array(np.zeros(n, np.int32)), "start_s": pa.array(np.zeros(n)),
         "end_s": pa.array(np.full(n, 10.0)), "run_id": pa.array(np.full(n, "synthetic")),
         # one label whose score is spread evenly over [0, 1) (golden-ratio sequence): `min_score` 0.9 keeps 10%
