@@ -128,7 +128,7 @@ def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[t
     table = searcher.tables["segments"]
     rows = []
     for nprobe, rerank in settings:
-        table.nprobe, table.rerank = nprobe or AnnConfig().probes(table.nlist), rerank
+        table.nprobe, table.rerank = nprobe or AnnConfig().probes(table.nlist, table.ann.ntotal), rerank
         for name, spec in {"none": {}, **FILTERS}.items():
             filters = Filters(**spec)
             want = truth[name]

@@ -64,6 +64,7 @@ class AnnConfig:
     pq_m: int = 64
     pq_bits: int = 4   # 4: fast-scan PQ (SIMD table lookups in registers); 8: classic PQ, finer, slower to scan
     probe_fraction: float = 0.1875
+    min_scan_rows: int = 40_000   # small tables have short lists: probe enough of them to scan this many rows
     rerank: int = 50
     train_rows: int = 200_000
     kmeans_iters: int = 12
@@ -76,8 +77,10 @@ class AnnConfig:
             return self.nlist
         return int(min(self.max_nlist, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))))
 
-    def probes(self, nlist: int) -> int:
-        return max(1, min(nlist, round(self.probe_fraction * nlist)))
+    def probes(self, nlist: int, rows: int) -> int:
+        """Lists a query scans: `probe_fraction` of them, or enough for `min_scan_rows` rows."""
+        wanted = max(self.probe_fraction * nlist, self.min_scan_rows * nlist / max(1, rows))
+        return max(1, min(nlist, math.ceil(wanted)))
 
 
 def index_dir(output: str) -> str:

@@ -97,7 +97,7 @@ class _Table:
                     index = faiss.read_index(self._ann_path)
                     self.nlist = faiss.extract_index_ivf(index).nlist
                     if self.nprobe is None:
-                        self.nprobe = AnnConfig().probes(self.nlist)
+                        self.nprobe = AnnConfig().probes(self.nlist, index.ntotal)
                     self._ann = index
         return self._ann
 

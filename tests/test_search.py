@@ -205,8 +205,11 @@ def test_ann_recall_filters_and_incremental_update(tmp_path):
     matching = int((((np.arange(50_000) * 0.6180339887498949) % 1.0).astype(np.float32) >= 0.9995).sum())
     assert 0 < matching < 100 and len(filtered.vector(queries[0], 100, rare, segments=True)) == matching
 
-    ann_file = lambda: faiss.read_index(str(tmp_path / "_index" / Searcher(str(tmp_path)).info["tables"]["segments"]["ann"]))
-    centroids = faiss.extract_index_ivf(ann_file()).quantizer.reconstruct_n(0, 8)
+    def ann_file():
+        return faiss.read_index(str(tmp_path / "_index" / Searcher(str(tmp_path)).info["tables"]["segments"]["ann"]))
+
+    before = ann_file()  # kept alive: extract_index_ivf returns a view into it
+    centroids = faiss.extract_index_ivf(before).quantizer.reconstruct_n(0, 8)
     new = synthetic(52_000, seed=2)[0][50_000:]
     info = append_synthetic_index(str(tmp_path), new, AnnConfig())
     assert info["rows"]["segments"] == 52_000 and len(info["tables"]["segments"]["vectors"]) == 2
