@@ -153,7 +153,7 @@ def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[t
         table.mask(filters, searcher.labels)
         mask_ms.append((time.perf_counter() - t) * 1000)
     hits = searcher.vector(queries[0], k)
-    return {"rows": rows, "load_s": round(load_s, 2), "new_uri_filter_mask_ms": round(float(np.median(mask_ms)), 1),
+    return {"rows": rows, "indexed_rows": int(table.ann.ntotal), "load_s": round(load_s, 2), "new_uri_filter_mask_ms": round(float(np.median(mask_ms)), 1),
             "clip_level_hits": len(hits), "search_memory_gb": _peak()}
 
 
