@@ -70,12 +70,15 @@ class VectorStore:
     def path(self, shard: int) -> str:
         return self._fetch(self.names[shard])
 
+    def _open(self, shard: int) -> np.ndarray:
+        path = self.path(shard)
+        n = int(self.starts[shard + 1] - self.starts[shard])
+        return np.memmap(path, np.float16, "r", offset=os.path.getsize(path) - n * self.dim * 2, shape=(n, self.dim))
+
     def _array(self, shard: int) -> np.ndarray:
+        """The shard memory-mapped once for gathers (re-ranking touches a few pages per query)."""
         if self._arrays[shard] is None:
-            path = self.path(shard)
-            n = int(self.starts[shard + 1] - self.starts[shard])
-            offset = os.path.getsize(path) - n * self.dim * 2
-            self._arrays[shard] = np.memmap(path, np.float16, "r", offset=offset, shape=(n, self.dim))
+            self._arrays[shard] = self._open(shard)
         return self._arrays[shard]
 
     def get(self, rows) -> np.ndarray:
@@ -97,9 +100,10 @@ class VectorStore:
             lo = int(self.starts[shard])
             if int(self.starts[shard + 1]) <= first_row:
                 continue
-            array = self._array(shard)
+            array = self._open(shard)  # its own mapping, dropped after the shard: a full pass keeps no pages
             for start in range(max(0, first_row - lo), len(array), rows_per_block):
                 yield lo + start, np.asarray(array[start:start + rows_per_block], np.float32)
+            del array
 
     def search(self, queries: np.ndarray, k: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k by inner product over the rows where `mask` is True (all rows if None):
@@ -133,9 +137,7 @@ class VectorStore:
     def _search_blas(self, shard: int, queries: np.ndarray, k: int, part: np.ndarray | None, block: int = 65_536):
         """Exact top-k within one shard for many queries: float16 blocks to float32, one matrix product
         each (FAISS's fp16 scan is per query; BLAS amortises each row over every query)."""
-        n = int(self.starts[shard + 1] - self.starts[shard])
-        path = self.path(shard)
-        array = np.memmap(path, np.float16, "r", offset=os.path.getsize(path) - n * self.dim * 2, shape=(n, self.dim))
+        array, n = self._open(shard), int(self.starts[shard + 1] - self.starts[shard])
         best_scores = np.full((len(queries), k), -np.inf, np.float32)
         best_rows = np.full((len(queries), k), -1, np.int64)
         for start in range(0, n, block):
