@@ -97,7 +97,7 @@ def _build(out: str, n: int, ann: AnnConfig) -> dict:
     return {"build_s": round(time.time() - started, 1), "build_memory_gb": _peak()}
 
 
-def _truth(out: str, queries: np.ndarray, k: int, single: int) -> dict:
+def _truth(out: str, queries: np.ndarray, k: int, single: int, filters: list[str] | None = None) -> dict:
     """Exact top-k per query (the product's exact path, all queries in one pass per shard), per filter,
     and the latency of single exact queries."""
     from pipeline.search import Filters, Searcher
@@ -105,7 +105,7 @@ def _truth(out: str, queries: np.ndarray, k: int, single: int) -> dict:
     searcher = Searcher(out, exact=True)
     table = searcher.tables["segments"]
     out_rows = {}
-    for name, spec in {"none": {}, **FILTERS}.items():
+    for name, spec in _filters(filters).items():
         mask = table.mask(Filters(**spec), searcher.labels)
         qs = queries if name == "none" else queries[:50]
         out_rows[name] = searcher._search(table, qs, mask, k)[1].tolist()
@@ -115,6 +115,10 @@ def _truth(out: str, queries: np.ndarray, k: int, single: int) -> dict:
         searcher.vector(q, k, segments=True)
         times.append((time.perf_counter() - started) * 1000)
     return {"truth": out_rows, "exact_ms": times, "exact_memory_gb": _peak()}
+
+
+def _filters(names: list[str] | None) -> dict:
+    return {"none": {}, **{n: f for n, f in FILTERS.items() if names is None or n in names}}
 
 
 def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[tuple[int, int]]) -> dict:
@@ -129,7 +133,7 @@ def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[t
     rows = []
     for nprobe, rerank in settings:
         table.nprobe, table.rerank = nprobe or AnnConfig().probes(table.nlist, table.ann.ntotal), rerank
-        for name, spec in {"none": {}, **FILTERS}.items():
+        for name, spec in _filters(list(truth)).items():
             filters = Filters(**spec)
             want = truth[name]
             qs = queries[:len(want)]
@@ -172,7 +176,7 @@ def _update(out: str, n: int, added: int, ann: AnnConfig) -> dict:
 
 
 def measure(n: int, queries: int, ann: AnnConfig, settings: list[tuple[int, int]], data: str | None,
-            keep: bool, reuse: bool, update: int) -> dict:
+            keep: bool, reuse: bool, update: int, filters: list[str] | None = None) -> dict:
     out = os.path.join(data, f"search-{n}") if data else tempfile.mkdtemp(prefix="search-bench-")
     qs = synthetic_queries(queries)
     try:
@@ -180,7 +184,7 @@ def measure(n: int, queries: int, ann: AnnConfig, settings: list[tuple[int, int]
         if not (reuse and os.path.exists(os.path.join(out, "_index", "index.json"))):
             shutil.rmtree(out, ignore_errors=True)
             built = _in_child(_build, out, n, ann)
-        truth = _in_child(_truth, out, qs, 10, 5)
+        truth = _in_child(_truth, out, qs, 10, 5, filters)
         searched = _in_child(_search, out, qs, truth["truth"], 10, settings)
         size = sum(f.stat().st_size for f in Path(out, "_index").iterdir())
         updated = _in_child(_update, out, n, update, ann) if update else {}
@@ -204,6 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the index files under --data")
     p.add_argument("--reuse", action="store_true", help="reuse an index already under --data")
     p.add_argument("--update", type=int, default=0, help="then append this many rows and time it")
+    p.add_argument("--filters", nargs="*", choices=list(FILTERS), help="filters to measure (default: all)")
     p.add_argument("--threads", type=int, help="faiss OpenMP threads (default: one per core)")
     p.add_argument("--out", default="benchmarks/results/search.json")
     args = p.parse_args(argv)
@@ -211,7 +216,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     ann = AnnConfig(nlist=args.nlist) if args.nlist else AnnConfig()
     settings = [(a, b) for a in args.nprobe for b in args.rerank]
-    results = [measure(n, args.queries, ann, settings, args.data, args.keep, args.reuse, args.update) for n in args.n]
+    results = [measure(n, args.queries, ann, settings, args.data, args.keep, args.reuse, args.update,
+                       args.filters) for n in args.n]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
