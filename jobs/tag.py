@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hop", type=float, default=10.0, help="seconds between window starts (0 < hop <= 10)")
     p.add_argument("--num-gpus", default="auto",
                    help="GPU share per model actor: auto (0.5 when the cluster has GPUs, else CPU), 0, or F")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="model precision, part of the settings: auto is bf16 when the models get GPUs, else "
+                        "fp32; a rerun with another precision reprocesses every file (README, Reruns)")
     p.add_argument("--ast-actors", type=int, default=None, help="AST actor pool size (default from GPUs, else 1)")
     p.add_argument("--clap-actors", type=int, default=None, help="CLAP actor pool size (default as AST)")
     p.add_argument("--zero-shot", metavar="LABELS_FILE",
@@ -44,6 +47,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt template for --zero-shot; {label} is replaced by each label")
     p.add_argument("--flush-every", type=float, default=60.0,
                    help="seconds between part-file writes; bounds the work a killed run loses")
+    p.add_argument("--max-error-rate", type=float, default=None, metavar="FRACTION",
+                   help="exit 1 when more than this fraction of the processed files are error rows (their rows "
+                        "are still written and committed); a run whose processed files all failed for a "
+                        "transient reason exits 1 whatever this is")
+    p.add_argument("--rows-per-file", type=int, default=20_000,
+                   help="rows per Parquet part file; a full buffer is written at once (segments before clips)")
+    p.add_argument("--long-file-s", type=float, default=1200.0,
+                   help="featurize tasks reserve memory for files up to this many seconds; longer files run "
+                        "afterwards in a lane whose tasks reserve it for the longest accepted file (6 h)")
     p.add_argument("--run-id", default=None, help="name of this run (default: UTC time plus random suffix)")
     p.add_argument("--log-level", default="INFO", help="logging level")
     return p.parse_args(argv)
@@ -59,9 +71,11 @@ def main(argv=None) -> int:
             extra["zero_shot_labels"] = tuple(line.strip() for line in f if line.strip())
     cfg = TagJobConfig(input=args.input, output=args.output, ast_model=args.ast_model,
                        clap_model=args.clap_model, top_k=args.top_k, batch_size=args.batch_size,
-                       micro_batch=args.micro_batch, hop_s=args.hop, num_gpus=num_gpus,
+                       micro_batch=args.micro_batch, hop_s=args.hop, num_gpus=num_gpus, precision=args.precision,
                        ast_actors=args.ast_actors, clap_actors=args.clap_actors,
-                       flush_every_s=args.flush_every, zero_shot_prompt=args.zero_shot_prompt, **extra)
+                       flush_every_s=args.flush_every, max_error_rate=args.max_error_rate,
+                       rows_per_file=args.rows_per_file, long_file_s=args.long_file_s,
+                       zero_shot_prompt=args.zero_shot_prompt, **extra)
     try:
         summary = run_tag_job(cfg)
     except OutputError as e:

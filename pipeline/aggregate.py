@@ -1,7 +1,9 @@
 """Stage 6, aggregation on the driver: window rows (after both models) -> segments and clips rows.
 
 Streaming: a file's state lives only until all its windows have arrived, so memory is bounded by
-the files in flight, not the corpus. Per file, scores are the max over windows, the AST embedding is
+the files in flight, not the corpus. A file is complete when it has a window for every
+segment_index in 0..num_segments-1; a window that arrives twice (a retried task) is dropped, never
+counted or written again. Per file, scores are the max over windows, the AST embedding is
 the mean of window embeddings, and the CLAP embedding is the L2-normalised mean of window embeddings.
 """
 
@@ -20,7 +22,7 @@ from schemas.tables import LABEL_TYPE
 log = logging.getLogger(__name__)
 
 FILE_COLUMNS = ("clip_id", "uri", "size_bytes", "modified", "etag", "duration_s", "sample_rate",
-                "channels", "decoder", "num_segments")
+                "channels", "decoder", "warning", "num_segments")
 
 
 def top_labels(scores: np.ndarray, names: list[str], k: int) -> list[dict]:
@@ -50,7 +52,7 @@ class _Partial:
     scores: np.ndarray
     ast_sum: np.ndarray
     clap_sum: np.ndarray
-    seen: int = 0
+    seen: set[int] = field(default_factory=set)  # segment_index values accumulated
 
 
 @dataclass
@@ -62,19 +64,33 @@ class ClipAggregator:
     run_id: str
     zero_shot: "ZeroShot | None" = None
     _partial: dict[str, _Partial] = field(default_factory=dict)
+    _finished: set[str] = field(default_factory=set)  # clip_ids whose clip row was returned
 
     def add(self, batch: pa.Table) -> tuple[pa.Table, list[dict]]:
         ok = np.asarray(pc.equal(batch.column("status"), "ok").fill_null(False))
-        clips = [self._error_clip(row) for row in batch.filter(pa.array(~ok)).to_pylist()]
+        clips = []
+        for row in batch.filter(pa.array(~ok)).to_pylist():
+            if row["clip_id"] not in self._finished:
+                self._finished.add(row["clip_id"])
+                clips.append(self._error_clip(row))
         windows = batch.filter(pa.array(ok))
         scores = to_matrix(windows.column("scores"))
         ast = to_matrix(windows.column("ast_embedding"))
         clap = to_matrix(windows.column("clap_embedding"))
-        metas = windows.select(list(FILE_COLUMNS)).to_pylist()
+        metas = windows.select(list(FILE_COLUMNS) + ["segment_index"]).to_pylist()
+        new = np.ones(len(metas), dtype=bool)
         for i, meta in enumerate(metas):
-            done = self._accumulate(meta, scores[i], ast[i], clap[i])
+            index = meta.pop("segment_index")
+            partial = self._partial.get(meta["clip_id"])
+            if meta["clip_id"] in self._finished or (partial is not None and index in partial.seen):
+                new[i] = False
+                log.warning("dropped a repeated window %d of %s", index, meta["uri"])
+                continue
+            done = self._accumulate(meta, index, scores[i], ast[i], clap[i])
             if done is not None:
                 clips.append(done)
+        if not new.all():
+            windows, scores = windows.filter(pa.array(new)), scores[new]
         return self._segments(windows, scores), clips
 
     @property
@@ -82,7 +98,7 @@ class ClipAggregator:
         """Files with windows still outstanding."""
         return len(self._partial)
 
-    def _accumulate(self, meta: dict, scores, ast, clap) -> dict | None:
+    def _accumulate(self, meta: dict, index: int, scores, ast, clap) -> dict | None:
         p = self._partial.get(meta["clip_id"])
         if p is None:
             p = self._partial[meta["clip_id"]] = _Partial(meta, scores.copy(), ast.astype(np.float64),
@@ -91,17 +107,19 @@ class ClipAggregator:
             np.maximum(p.scores, scores, out=p.scores)
             p.ast_sum += ast
             p.clap_sum += clap
-        p.seen += 1
-        if p.seen < meta["num_segments"]:
+        p.seen.add(index)
+        if len(p.seen) < meta["num_segments"]:
             return None
         del self._partial[meta["clip_id"]]
-        clap_mean = p.clap_sum / p.seen
+        self._finished.add(meta["clip_id"])
+        n = len(p.seen)
+        clap_mean = p.clap_sum / n
         clap_mean /= max(np.linalg.norm(clap_mean), 1e-12)
         return {**p.meta, "status": "ok", "error": None,
                 "labels": top_labels(p.scores, self.label_names, self.top_k),
                 "zero_shot": self.zero_shot(clap_mean, self.top_k) if self.zero_shot else None,
                 "scores": p.scores.astype(np.float32),
-                "ast_embedding": (p.ast_sum / p.seen).astype(np.float32),
+                "ast_embedding": (p.ast_sum / n).astype(np.float32),
                 "clap_embedding": clap_mean.astype(np.float32), "run_id": self.run_id}
 
     def _error_clip(self, row: dict) -> dict:

@@ -27,8 +27,16 @@ log = logging.getLogger(__name__)
 TABLES = ("clips", "segments")
 IDENTITY = ["clip_id", "size_bytes", "modified", "etag"]
 # Errors that say nothing about a file's content: a rerun tries those files again even if unchanged.
+# A decoder killed from outside (the kernel's OOM killer, a node shutting down) looks like a crash, so
+# crashes and out-of-memory are retried too; a file that really crashes the decoder costs one retry per run.
 TRANSIENT_ERRORS = ("storage error reading file", "permission denied reading file",
-                    "permission denied listing directory", "file not found", "decoding timed out")
+                    "permission denied listing directory", "file not found", "decoding timed out",
+                    "decoder crashed", "out of memory decoding file")
+
+
+def is_transient(error: str | None) -> bool:
+    """Whether an error row's reason ("reason" or "reason (detail)") is retried by the next run."""
+    return bool(error) and error.startswith(TRANSIENT_ERRORS)
 
 
 def _root(output: str):
@@ -110,7 +118,7 @@ def done_files(output: str, settings_hash: str, extra_parts: list[str] = ()) -> 
     done = _read_parts(fs, _committed_paths(output, commits, "clips") + list(extra_parts), IDENTITY + ["error"])
     if done is None:
         return None
-    errors = done.column("error")  # "reason" or "reason (detail)"
+    errors = done.column("error")  # "reason" or "reason (detail)"; vectorised twin of is_transient
     transient = pa.array(np.zeros(len(done), dtype=bool))
     for reason in TRANSIENT_ERRORS:
         transient = pc.or_(transient, pc.fill_null(pc.starts_with(errors, reason), False))

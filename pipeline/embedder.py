@@ -29,6 +29,7 @@ class EmbedderConfig:
     feature_shape: tuple[int, int, int] = (1, 1001, 64)
     micro_batch: int = 8
     cpu_threads: int = 1
+    precision: str = "fp32"   # "fp32" or "bf16" (device.PRECISIONS), whatever the device
 
 
 class ClapEmbedder:
@@ -39,7 +40,7 @@ class ClapEmbedder:
 
     def __init__(self, config: EmbedderConfig):
         self.config = config
-        self.placement = Placement.detect(config.cpu_threads)
+        self.placement = Placement.detect(config.cpu_threads, config.precision)
         self.model = load_clap(config.source).to(self.placement.device)
         self.dim = self.model.config.projection_dim
         log.info("CLAP %s loaded on %s", config.source, self.placement.device)

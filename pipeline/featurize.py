@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 WINDOW_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("uri", pa.string()), ("size_bytes", pa.int64()),
     ("modified", pa.string()), ("etag", pa.string()),
-    ("status", pa.string()), ("error", pa.string()), ("error_detail", pa.string()),
+    ("status", pa.string()), ("error", pa.string()), ("error_detail", pa.string()), ("warning", pa.string()),
     ("duration_s", pa.float64()), ("sample_rate", pa.int32()), ("channels", pa.int32()),
     ("decoder", pa.string()), ("num_segments", pa.int32()),
     ("segment_index", pa.int32()), ("start_s", pa.float64()), ("end_s", pa.float64()),
@@ -44,13 +44,32 @@ class FeaturizeConfig:
     windows_per_block: int = 16
 
 
-class Featurize:
-    """Callable for `map_batches(batch_format="pyarrow")`: yields tables of WINDOW_SCHEMA."""
+# Memory a featurize task holds, per second of audio in its file: the waveforms at the model rates in the
+# worker and, while they are sent, in the decoder child (2 x 4 B per sample); the child's mono source
+# (4 B at up to 48 kHz); the file's bytes in the worker and the child (16-bit stereo 48 kHz PCM). Plus a
+# block of features in numpy, Arrow and the object store, and the worker process itself (torch imported).
+BYTES_PER_AUDIO_S = 2 * 4 * (16_000 + 48_000) + 4 * 48_000 + 2 * 192_000
+TASK_BASE_BYTES = 400 << 20
 
-    def __init__(self, config: FeaturizeConfig):
+
+def task_memory_bytes(config: FeaturizeConfig, seconds: float) -> int:
+    """Ray `memory` to reserve for a featurize task whose files are at most `seconds` long."""
+    window_bytes = 4 * (config.ast.max_length * config.ast.num_mel_bins
+                        + config.clap.channels * config.clap.num_frames * config.clap.num_mel_bins)
+    return int(seconds * BYTES_PER_AUDIO_S + 3 * config.windows_per_block * window_bytes + TASK_BASE_BYTES)
+
+
+class Featurize:
+    """Callable for `map_batches(batch_format="pyarrow")`: yields tables of WINDOW_SCHEMA.
+
+    `lane_s`: files longer than this become rows with error LONG_FILE instead of being featurized, so a
+    task never holds more than task_memory_bytes(config, lane_s); the job runs those in a second lane.
+    """
+
+    def __init__(self, config: FeaturizeConfig, lane_s: float | None = None):
         self.config = config
         rates = (config.ast.sample_rate, config.clap.sample_rate)
-        self._decode_config = DecodeConfig(**{**config.decode.__dict__, "rates": rates})
+        self._decode_config = DecodeConfig(**{**config.decode.__dict__, "rates": rates, "lane_s": lane_s})
         self._ast = None
         self._clap = None
 
@@ -80,7 +99,7 @@ class Featurize:
         windows = plan_windows(audio.duration_s, self.config.windows)
         meta = {**file, "status": "ok", "error": None, "duration_s": audio.duration_s,
                 "sample_rate": audio.source_rate, "channels": audio.channels, "decoder": audio.decoder,
-                "num_segments": len(windows)}
+                "warning": audio.warning, "num_segments": len(windows)}
         step = self.config.windows_per_block
         for i in range(0, len(windows), step):
             chunk = windows[i:i + step]

@@ -189,7 +189,7 @@ def _serve(read_fd: int, write_fd: int, config: DecodeConfig) -> None:
             continue
         del data
         meta = {"duration_s": audio.duration_s, "source_rate": audio.source_rate, "channels": audio.channels,
-                "decoder": audio.decoder}
+                "decoder": audio.decoder, "warning": audio.warning}
         conn.send(("ok", meta, [(rate, len(wave)) for rate, wave in audio.waves.items()]))
         for wave in audio.waves.values():
             conn.send_array(np.ascontiguousarray(wave, dtype=np.float32))

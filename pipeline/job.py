@@ -17,22 +17,25 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 import pipeline
 from pipeline.aggregate import ClipAggregator, ZeroShot, clips_table
 from pipeline.commits import IDENTITY, commit, done_files, orphan_parts
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
+from pipeline.device import resolve_precision
 from pipeline.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.features_ast import AstFbankConfig
 from pipeline.features_clap import ClapMelConfig
-from pipeline.featurize import Featurize, FeaturizeConfig
+from pipeline.decode import LONG_FILE
+from pipeline.featurize import Featurize, FeaturizeConfig, task_memory_bytes
 from pipeline.resources import ResourcePlan, plan_resources
-from pipeline.sources import ListingConfig, list_inputs
+from pipeline.sources import FILE_SCHEMA, ListingConfig, list_inputs
 from pipeline.summary import RunSummary
 from pipeline.tagger import AstTagger, TaggerConfig
 from pipeline.windows import WindowConfig
-from pipeline.writer import PartWriter, check_writable
+from pipeline.writer import PartWriter, RunWriters, check_writable
 from schemas import SCHEMA_VERSION, clips_schema, segments_schema
 
 log = logging.getLogger(__name__)
@@ -52,11 +55,15 @@ class TagJobConfig:
                                     # None: 1 on CPU, 8 on GPU (resources.py)
     hop_s: float = 10.0
     num_gpus: str | float = "auto"
+    precision: str = "auto"  # "fp32", "bf16", or "auto": bf16 when the model actors get GPUs, else fp32
     ast_actors: int | None = None
     clap_actors: int | None = None
     windows_per_block: int = 16
+    long_file_s: float = 1200.0   # featurize tasks reserve memory for files this long; longer ones run
+                                  # afterwards in a lane that reserves it for DecodeConfig.max_duration_s
     rows_per_file: int = 20_000
     flush_every_s: float = 60.0   # bounds the work a killed run loses
+    max_error_rate: float | None = None  # fraction of processed files; more errors fail the run (exit 1)
     zero_shot_labels: tuple[str, ...] = ()
     zero_shot_prompt: str = "This is a sound of {label}."
     run_id: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).strftime(
@@ -85,23 +92,44 @@ def model_stages(cfg: TagJobConfig, plan: ResourcePlan) -> ModelStages:
     featurize = FeaturizeConfig(windows=WindowConfig(hop_s=cfg.hop_s), ast=ast_fb, clap=clap_mel,
                                 windows_per_block=cfg.windows_per_block)
     micro_batch = cfg.micro_batch or plan.micro_batch
+    precision = resolve_precision(cfg.precision, plan.gpus_per_actor > 0)
     tagger = TaggerConfig(cfg.ast_model, ast_fb.max_length, ast_fb.num_mel_bins, micro_batch,
-                          plan.ast_threads)
+                          plan.ast_threads, precision)
     embedder = EmbedderConfig(cfg.clap_model, (clap_mel.channels, clap_mel.num_frames, clap_mel.num_mel_bins),
-                              micro_batch, plan.clap_threads)
+                              micro_batch, plan.clap_threads, precision)
     return ModelStages(featurize, tagger, embedder)
 
 
-def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batch_size: int) -> ray.data.Dataset:
+@dataclass(frozen=True)
+class Lane:
+    """Files up to `max_s` seconds long, featurized by tasks that reserve `memory` bytes each."""
+
+    max_s: float | None   # None: up to DecodeConfig.max_duration_s
+    memory: int
+
+
+def lanes(cfg: TagJobConfig, featurize: FeaturizeConfig) -> tuple[Lane, Lane]:
+    """The short-file lane every file starts in, and the long-file lane for those it hands back. The
+    long lane's reservation is capped at the largest node's memory, so its tasks always get placed
+    (one or a few at a time) instead of waiting forever."""
+    largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    long_memory = task_memory_bytes(featurize, featurize.decode.max_duration_s)
+    return (Lane(cfg.long_file_s, task_memory_bytes(featurize, cfg.long_file_s)),
+            Lane(None, int(min(long_memory, 0.9 * largest)) if largest else long_memory))
+
+
+def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batch_size: int,
+                  lane: Lane | None = None) -> ray.data.Dataset:
     """The pipeline as one Ray Data chain over a table of input files."""
     per_block = max(1, min(64, math.ceil(len(files) / 256)))
     blocks = [files.slice(i, per_block) for i in range(0, len(files), per_block)]
+    memory = {"memory": lane.memory} if lane else {}
     return (
         ray.data.from_arrow(blocks)
         # ray_remote_args_fn keeps Ray from fusing this CPU stage into the AST actors (it fuses when the
         # resources match), which would run every decode in the few model actors, one at a time
-        .map_batches(Featurize(stages.featurize), batch_format="pyarrow", batch_size=None, num_cpus=1,
-                     ray_remote_args_fn=_spread)
+        .map_batches(Featurize(stages.featurize, lane.max_s if lane else None), batch_format="pyarrow",
+                     batch_size=None, num_cpus=1, ray_remote_args_fn=_spread, **memory)
         .map_batches(AstTagger, fn_constructor_args=(stages.tagger,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.ast_cpus, num_gpus=plan.gpus_per_actor,
                      compute=ray.data.ActorPoolStrategy(size=plan.ast_actors))
@@ -116,17 +144,20 @@ def _spread() -> dict:
     return {"scheduling_strategy": "SPREAD"}
 
 
-def run_metadata(cfg: TagJobConfig, stages: ModelStages) -> dict:
+def run_metadata(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan) -> dict:
     """What produced the output: models, feature settings, versions, and a hash of all that decides
     the results (a rerun with another hash reprocesses every file)."""
     features = {"featurize": _jsonable(asdict(stages.featurize)), "micro_batch": stages.tagger.micro_batch}
     models = {"ast": describe(cfg.ast_model).to_dict(), "clap": describe(cfg.clap_model).to_dict()}
     settings = {"features": features, "models": models, "top_k": cfg.top_k, "schema": SCHEMA_VERSION,
+                "precision": stages.tagger.precision,
                 "zero_shot": [list(cfg.zero_shot_labels), cfg.zero_shot_prompt] if cfg.zero_shot_labels else None}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    # the device is informative only: fp32 on a GPU matches fp32 on CPU within the parity bounds
+    compute = {"precision": stages.tagger.precision, "device": "gpu" if plan.gpus_per_actor > 0 else "cpu"}
     return {"pipeline_version": pipeline.__version__, "schema_version": SCHEMA_VERSION, "run_id": cfg.run_id,
-            "models": models, "features": features, "settings_hash": digest, "top_k": cfg.top_k,
-            "zero_shot": settings["zero_shot"]}
+            "models": models, "features": features, "compute": compute, "settings_hash": digest,
+            "top_k": cfg.top_k, "zero_shot": settings["zero_shot"]}
 
 
 def _jsonable(value):
@@ -146,10 +177,10 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     check_writable(cfg.output)
     if not ray.is_initialized():
         ray.init()
-    summary = RunSummary(cfg.run_id)
+    summary = RunSummary(cfg.run_id, cfg.max_error_rate)
     plan = plan_resources(ray.cluster_resources(), cfg.num_gpus, cfg.ast_actors, cfg.clap_actors)
     stages = model_stages(cfg, plan)
-    metadata = run_metadata(cfg, stages)
+    metadata = run_metadata(cfg, stages, plan)
     _warn_untrained(metadata)
     listed = list_inputs(ListingConfig(cfg.input))
     adopted = orphan_parts(cfg.output, metadata["settings_hash"])
@@ -158,8 +189,8 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     summary.adopted_parts = sum(len(v) for v in adopted.values())
     if not len(files):
         log.info("nothing new to process: all %d listed files are unchanged since a committed run", len(listed))
-    writers = _tag(files, cfg, stages, plan, metadata, summary) if len(files) else {}
-    parts = {t: adopted[t] + (writers[t].files if writers else []) for t in adopted}
+    written = _tag(files, cfg, stages, plan, metadata, summary).parts() if len(files) else {}
+    parts = {t: adopted[t] + written.get(t, []) for t in adopted}
     commit(cfg.output, cfg.run_id, metadata["settings_hash"], parts)
     summary.finish()
     summary.log()
@@ -171,35 +202,53 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
 
 
 def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: dict,
-         summary: RunSummary) -> dict[str, PartWriter]:
+         summary: RunSummary) -> RunWriters:
     """Run the dataset over `files`, aggregate on the fly and write part files; returns the writers."""
     names = label_names(cfg.ast_model)
     dims = (len(names), _hidden(cfg.ast_model), _projection(cfg.clap_model))
-    clips_out = PartWriter(cfg.output, "clips", cfg.run_id, clips_schema(*dims), metadata, cfg.rows_per_file)
-    segments_out = PartWriter(cfg.output, "segments", cfg.run_id, segments_schema(*dims), metadata,
-                              cfg.rows_per_file)
+    out = RunWriters(
+        segments=PartWriter(cfg.output, "segments", cfg.run_id, segments_schema(*dims), metadata, cfg.rows_per_file),
+        clips=PartWriter(cfg.output, "clips", cfg.run_id, clips_schema(*dims), metadata, cfg.rows_per_file))
     aggregator = ClipAggregator(names, cfg.top_k, cfg.run_id, _zero_shot(cfg))
     last_flush = time.monotonic()
-    for batch in build_dataset(files, stages, plan, cfg.batch_size or plan.batch_size).iter_batches(
-            batch_format="pyarrow", batch_size=None):
-        segments, clips = aggregator.add(batch)
-        segments_out.write(segments)
-        if clips:
-            clips_out.write(clips_table(clips, clips_out.schema))
+    short, long = lanes(cfg, stages.featurize)
+    log.info("featurize tasks reserve %.2f GB for files up to %g s; longer files run afterwards, "
+             "reserving %.2f GB each", short.memory / 1e9, short.max_s, long.memory / 1e9)
+    todo = files
+    for lane in (short, long):
+        handed_back = []
+        for batch in build_dataset(todo, stages, plan, cfg.batch_size or plan.batch_size, lane).iter_batches(
+                batch_format="pyarrow", batch_size=None):
+            batch, longer = _split_long(batch)
+            if longer is not None:
+                handed_back.append(longer)
+            segments, clips = aggregator.add(batch)
+            out.write(segments, clips_table(clips, out.clips.schema) if clips else None)
             for clip in clips:
                 summary.count(clip)
-        if time.monotonic() - last_flush > cfg.flush_every_s:
-            # segments first: a clip row in a complete part always has its windows in complete parts
-            segments_out.flush()
-            clips_out.flush()
-            last_flush = time.monotonic()
+            if time.monotonic() - last_flush > cfg.flush_every_s:
+                out.flush()
+                last_flush = time.monotonic()
+        if not handed_back:
+            break
+        todo = pa.concat_tables(handed_back)
+        log.info("%d files are longer than %g s: featurizing them in the long-file lane", len(todo), short.max_s)
     if aggregator.pending:
         raise RuntimeError(f"{aggregator.pending} files never received all their windows")
-    segments_out.flush()
-    clips_out.flush()
-    if clips_out.rows_written != len(files):
-        raise RuntimeError(f"wrote {clips_out.rows_written} clip rows for {len(files)} input files")
-    return {"clips": clips_out, "segments": segments_out}
+    out.flush()
+    if out.clips.rows_written != len(files):
+        raise RuntimeError(f"wrote {out.clips.rows_written} clip rows for {len(files)} input files")
+    return out
+
+
+def _split_long(batch: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+    """(rows to aggregate, FILE_SCHEMA rows of the files the lane handed back as too long for it)."""
+    longer = pc.fill_null(pc.equal(batch.column("error"), LONG_FILE), False)
+    if not pc.any(longer).as_py():
+        return batch, None
+    files = batch.filter(longer).select([n for n in FILE_SCHEMA.names if n != "listing_error"])
+    files = files.append_column("listing_error", pa.nulls(len(files), pa.string()))
+    return batch.filter(pc.invert(longer)), files
 
 
 def _zero_shot(cfg: TagJobConfig) -> ZeroShot | None:

@@ -134,17 +134,32 @@ def list_manifest(manifest: str, threads: int = 32) -> pa.Table:
     an error row ("file not found") instead of vanishing.
     """
     table = _read_manifest(manifest)
-    uris = [u.strip() for u in table.column("uri").to_pylist() if u and u.strip()]
+    uris = [u.strip() if u else "" for u in table.column("uri").to_pylist()]
     given = {c: table.column(c).to_pylist() for c in ("size_bytes", "modified", "etag") if c in table.column_names}
+    first = _first_occurrences(uris)
+    if len(first) < sum(1 for u in uris if u):
+        log.warning("manifest %s names %d URIs more than once: each file is processed once",
+                    manifest, sum(1 for u in uris if u) - len(first))
     if given.keys() >= {"size_bytes", "modified"}:
-        rows = [{"clip_id": clip_id_for(u), "uri": u, "size_bytes": given["size_bytes"][i],
-                 "modified": given["modified"][i], "etag": given.get("etag", [None] * len(uris))[i]}
-                for i, u in enumerate(uris)]
+        etags = given.get("etag", [None] * len(uris))
+        rows = [{"clip_id": clip_id_for(uris[i]), "uri": uris[i], "size_bytes": given["size_bytes"][i],
+                 "modified": _modified({"mtime": given["modified"][i]}), "etag": etags[i]} for i in first]
     else:
         with ThreadPoolExecutor(threads) as pool:
-            rows = list(pool.map(_stat, uris))
+            rows = list(pool.map(_stat, [uris[i] for i in first]))
     log.info("manifest %s lists %d files", manifest, len(rows))
     return pa.Table.from_pylist(rows, schema=FILE_SCHEMA)
+
+
+def _first_occurrences(uris: list[str]) -> list[int]:
+    """Positions of the first occurrence of each non-empty URI, in manifest order."""
+    seen: set[str] = set()
+    keep = []
+    for i, uri in enumerate(uris):
+        if uri and uri not in seen:
+            seen.add(uri)
+            keep.append(i)
+    return keep
 
 
 def _read_manifest(manifest: str) -> pa.Table:
@@ -153,7 +168,8 @@ def _read_manifest(manifest: str) -> pa.Table:
         if ext == "parquet":
             table = pq.read_table(f)
         elif ext == "csv":
-            table = pacsv.read_csv(f)
+            text = {c: pa.string() for c in ("uri", "path", "modified", "etag")}  # not dates or numbers
+            table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=text))
         else:
             lines = [line.strip() for line in f.read().decode("utf-8").splitlines()]
             table = pa.table({"uri": [line for line in lines if line and not line.startswith("#")]})

@@ -30,6 +30,7 @@ class TaggerConfig:
     num_mel_bins: int = 128
     micro_batch: int = 8
     cpu_threads: int = 1
+    precision: str = "fp32"   # "fp32" or "bf16" (device.PRECISIONS), whatever the device
 
 
 class AstTagger:
@@ -40,7 +41,7 @@ class AstTagger:
 
     def __init__(self, config: TaggerConfig):
         self.config = config
-        self.placement = Placement.detect(config.cpu_threads)
+        self.placement = Placement.detect(config.cpu_threads, config.precision)
         self.model = load_ast(config.source).to(self.placement.device)
         self.num_labels = self.model.config.num_labels
         self.hidden = self.model.config.hidden_size

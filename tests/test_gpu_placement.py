@@ -3,17 +3,20 @@ take half a GPU each (both share it), and still compute correct results on CPU b
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.job import TagJobConfig, run_tag_job
+from pipeline.job import TagJobConfig, model_stages, run_tag_job
 from pipeline.resources import cores_per_gpu, plan_resources
+from pipeline.writer import METADATA_KEY
 from pipeline.windows import sample_span
 from tests import reference as ref
 from tests.audio import encode, signal
@@ -49,14 +52,18 @@ def test_actors_share_one_gpu_and_fall_back_to_cpu(gpu_cluster, checkpoints, tmp
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    # fp32 explicitly: "auto" would be bf16 on a GPU plan, and CUDA is absent, so the parity below
+    # is fp32 on CPU; the metadata records the precision and the planned device
     cfg = TagJobConfig(input=str(corpus), output=str(tmp_path / "out"), ast_model=checkpoints["ast"],
-                       clap_model=checkpoints["clap"], run_id="gpu")
+                       clap_model=checkpoints["clap"], precision="fp32", run_id="gpu")
     summary = run_tag_job(cfg)
     stop.set()
     watcher.join()
 
     assert summary["ok"] == 3
     assert min(lowest) == pytest.approx(0.0), "both actors should hold half the GPU at once"
+    part = next((tmp_path / "out" / "clips" / "gpu").glob("part-*.parquet"))
+    assert json.loads(pq.read_schema(part).metadata[METADATA_KEY])["compute"] == {"precision": "fp32", "device": "gpu"}
     clips = pd.read_parquet(tmp_path / "out" / "clips")
     for row in clips.itertuples():
         wave = files[row.uri.rsplit("/", 1)[-1]][:, 0]
@@ -86,6 +93,20 @@ def test_resource_plans():
     assert plan_resources({"CPU": 16}, ast_actors=4).ast_threads == 4
     with pytest.raises(ValueError, match="has 0 GPUs"):
         plan_resources({"CPU": 4}, num_gpus=0.5)
+
+
+def test_precision_follows_the_plan_unless_given(checkpoints):
+    def stages(precision, plan):
+        cfg = TagJobConfig(input=".", output=".", ast_model=checkpoints["ast"], clap_model=checkpoints["clap"],
+                           precision=precision)
+        s = model_stages(cfg, plan)
+        return s.tagger.precision, s.embedder.precision
+
+    gpu, cpu = plan_resources({"CPU": 16, "GPU": 1}), plan_resources({"CPU": 16})
+    assert stages("auto", gpu) == ("bf16", "bf16") and stages("auto", cpu) == ("fp32", "fp32")
+    assert stages("fp32", gpu) == ("fp32", "fp32") and stages("bf16", cpu) == ("bf16", "bf16")
+    with pytest.raises(ValueError, match="precision"):
+        stages("fp16", gpu)
 
 
 def test_gpu_plans_follow_the_sizing_formula(caplog):

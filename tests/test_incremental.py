@@ -14,10 +14,14 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.commits import read_commits, read_current
 from pipeline.job import TagJobConfig, run_tag_job
+from pipeline.writer import METADATA_KEY
 from tests.audio import encode, signal as make_signal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,14 +93,48 @@ def duckdb_current_sql(out: Path) -> str:
     return sql.replace("OUTPUT", str(out))
 
 
-def _tag_process(corpus: Path, out: Path, checkpoints: dict, run_id: str) -> subprocess.Popen:
+def _tag_process(corpus: Path, out: Path, checkpoints: dict, run_id: str, *args: str,
+                 module: str = "jobs.tag") -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jobs.tag", "--input", str(corpus), "--output", str(out),
+    cmd = [sys.executable, "-m", module, "--input", str(corpus), "--output", str(out),
            "--ast-model", checkpoints["ast"], "--clap-model", checkpoints["clap"], "--batch-size", "2",
-           "--flush-every", "0", "--run-id", run_id]
+           "--flush-every", "0", "--run-id", run_id, *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
+
+
+def _assert_every_clip_whole(out: Path, files: int) -> pd.DataFrame:
+    """The current table has each file once, and every ok clip exactly its num_segments windows."""
+    current = read_current(str(out)).to_pandas()
+    assert len(current) == files and current.clip_id.is_unique and set(current.status) == {"ok"}
+    segments = read_current(str(out), "segments").to_pandas()
+    indices = segments.groupby("clip_id").segment_index.apply(sorted)
+    for clip in current.itertuples():
+        assert indices.get(clip.clip_id) == list(range(clip.num_segments)), (clip.uri, indices.get(clip.clip_id))
+    return current
+
+
+def test_crash_right_after_a_clips_part_loses_no_windows(checkpoints, tmp_path):
+    """Part files are written when a buffer of --rows-per-file fills, not only on the timer: the clips
+    part of a flush must never land before the windows of its clips (segments first, every time)."""
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    for i in range(12):
+        _write(corpus, f"f{i:02d}.wav", 15.0, seed=i)  # two windows each
+    crashed = _tag_process(corpus, out, checkpoints, "crashed", "--flush-every", "100000", "--rows-per-file", "3",
+                           module="tests.crash_after_clips_part")
+    crashed.communicate(timeout=600)
+    assert crashed.returncode == -signal.SIGKILL
+    assert list((out / "clips" / "crashed").glob("part-*.parquet")) and not (out / "_commits").exists()
+
+    rerun = _tag_process(corpus, out, checkpoints, "rerun")
+    stdout, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr.decode()[-3000:]
+    summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert summary["adopted_parts"] >= 1 and summary["skipped_unchanged"] >= 1
+    current = _assert_every_clip_whole(out, 12)
+    assert {"crashed", "rerun"} <= set(current.run_id)
 
 
 def test_killed_driver_then_rerun_gives_every_file_once(checkpoints, tmp_path):
@@ -122,35 +160,85 @@ def test_killed_driver_then_rerun_gives_every_file_once(checkpoints, tmp_path):
     logging.getLogger(__name__).info("rerun after kill: %s", summary)
     assert summary["skipped_unchanged"] >= 2 and summary["adopted_parts"] >= 2
     assert summary["processed"] + summary["skipped_unchanged"] == 40
-    current = read_current(str(out)).to_pandas()
-    assert len(current) == 40 and current.clip_id.is_unique and set(current.status) == {"ok"}
+    current = _assert_every_clip_whole(out, 40)
     assert {"killed", "rerun"} <= set(current.run_id)
-    segments = read_current(str(out), "segments").to_pandas()
-    assert len(segments) == 40 and segments.clip_id.is_unique
 
 
 def test_killed_worker_mid_run_loses_nothing(job):
+    """The CLAP actor is killed once the first clips are written and while most are provably still to
+    come (parts are flushed after every batch of 2 windows, so written rows trail the actor by little)."""
     corpus, out, run = job
     for i in range(12):
-        _write(corpus, f"f{i:02d}.wav", 3.0, seed=i)
-    killed = []
+        _write(corpus, f"f{i:02d}.wav", 25.0, seed=i)  # three windows each
+    parts = out / "clips" / "worker-killed"
+    killed = {}
 
-    def kill_an_actor():
-        deadline = time.time() + 120
+    def clips_written() -> int:
+        return sum(pq.read_metadata(p).num_rows for p in parts.glob("part-*.parquet"))
+
+    def kill_the_clap_actor_mid_run():
+        deadline = time.time() + 300
         while time.time() < deadline and not killed:
+            before = clips_written()
             ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-            for line in ps.splitlines():
-                if "MapBatches(ClapEmbedder)" in line and "ray::" in line:
-                    os.kill(int(line.split()[0]), signal.SIGKILL)
-                    killed.append(line)
-                    break
-            time.sleep(0.2)
+            actors = [int(line.split()[0]) for line in ps.splitlines()
+                      if "MapBatches(ClapEmbedder)" in line and "ray::" in line]
+            if before >= 1 and actors:
+                os.kill(actors[0], signal.SIGKILL)
+                killed.update(before=before, after=clips_written())
+            time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_an_actor, daemon=True)
+    killer = threading.Thread(target=kill_the_clap_actor_mid_run, daemon=True)
     killer.start()
-    summary = run("worker-killed", batch_size=2)
+    summary = run("worker-killed", batch_size=2, flush_every_s=0.0)
     killer.join()
-    assert killed, "no CLAP actor process was found to kill"
+    assert killed, "the CLAP actor was never seen after the first clips were written"
+    assert killed["after"] <= 8, f"kill landed too late to prove anything: {killed}"
     assert summary["ok"] == 12
+    _assert_every_clip_whole(out, 12)
+
+
+def test_another_precision_reprocesses_and_is_never_mixed_in(job):
+    """Precision is a setting: a bf16 run redoes fp32 results (and is recorded as bf16), and going back
+    to fp32 finds the fp32 results again instead of mixing the two."""
+    corpus, out, run = job
+    for i in range(2):
+        _write(corpus, f"f{i}.wav", 3.0, seed=i)
+    run("auto-cpu")  # auto on CPU is fp32
+    bf16 = run("bf16", precision="bf16")
+    assert (bf16["processed"], bf16["skipped_unchanged"]) == (2, 0)
     current = read_current(str(out)).to_pandas()
-    assert len(current) == 12 and current.clip_id.is_unique
+    assert set(current.run_id) == {"bf16"}
+    compute = {}
+    for run_id in ("auto-cpu", "bf16"):
+        part = next((out / "clips" / run_id).glob("part-*.parquet"))
+        compute[run_id] = json.loads(pq.read_schema(part).metadata[METADATA_KEY])["compute"]
+    assert compute == {"auto-cpu": {"precision": "fp32", "device": "cpu"}, "bf16": {"precision": "bf16", "device": "cpu"}}
+    fp32 = read_current(str(out), settings_hash=read_commits(str(out))[0]["settings_hash"]).to_pandas()
+    a, b = np.stack(fp32.sort_values("uri").clap_embedding), np.stack(current.sort_values("uri").clap_embedding)
+    assert not np.array_equal(a, b), "bf16 compute should not give bitwise fp32 results"
+
+    back = run("fp32-again", precision="fp32")
+    assert (back["processed"], back["skipped_unchanged"]) == (0, 2)
+    assert set(read_current(str(out)).to_pandas().run_id) == {"auto-cpu"}
+
+
+def test_crashed_and_out_of_memory_decodes_are_retried_next_run(tmp_path):
+    """A decoder killed by the kernel's OOM killer looks like a crash: neither is final for a file."""
+    from pipeline.aggregate import clips_table
+    from pipeline.commits import commit, done_files
+    from pipeline.writer import PartWriter
+    from schemas import clips_schema
+
+    errors = {"a": "decoder crashed (decoder process killed by SIGKILL)",
+              "b": "out of memory decoding file (12 bytes in)",
+              "c": "decoding timed out (more than 600 s)",
+              "d": "not a decodable audio file (libsndfile: ...; ffmpeg: ...)"}
+    schema = clips_schema(3, 4, 2)
+    rows = [{**{f.name: None for f in schema}, "clip_id": c, "uri": f"/{c}.wav", "status": "error", "error": e,
+             "size_bytes": 12, "modified": "2026-11-01", "num_segments": 0, "run_id": "r"} for c, e in errors.items()]
+    writer = PartWriter(str(tmp_path), "clips", "r", schema, {"settings_hash": "h"})
+    writer.write(clips_table(rows, writer.schema))
+    writer.flush()
+    commit(str(tmp_path), "r", "h", {"clips": writer.files})
+    assert done_files(str(tmp_path), "h").column("clip_id").to_pylist() == ["d"]

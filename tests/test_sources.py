@@ -13,6 +13,7 @@ def tree(tmp_path):
     (tmp_path / "a" / "one.wav").write_bytes(b"x" * 10)
     (tmp_path / "a" / "two.FLAC").write_bytes(b"y")
     (tmp_path / "notes.txt").write_text("not audio")
+    (tmp_path / "take.raw").write_bytes(b"r" * 7)
     (tmp_path / "three.m4a").write_bytes(b"z" * 3)
     return tmp_path
 
@@ -27,7 +28,21 @@ def test_directory_is_searched_recursively_for_audio_extensions(tree):
 
 def test_glob_and_single_file_are_taken_as_given(tree):
     assert [f["uri"].rsplit("/", 1)[-1] for f in list_inputs(ListingConfig(str(tree / "**" / "*.wav"))).to_pylist()] == ["one.wav"]
-    assert list_inputs(ListingConfig(str(tree / "notes.txt"))).num_rows == 1
+    # a glob keeps what it matches whatever the extension ("take.raw" is no audio extension)
+    assert [f["uri"].rsplit("/", 1)[-1] for f in list_inputs(ListingConfig(str(tree / "t*"))).to_pylist()] == [
+        "take.raw", "three.m4a"]
+    single = list_inputs(ListingConfig(str(tree / "take.raw"))).to_pylist()
+    assert [(f["uri"], f["size_bytes"]) for f in single] == [(str(tree / "take.raw"), 7)]
+
+
+def test_a_txt_csv_or_parquet_input_is_a_manifest_and_duplicates_count_once(tree):
+    a, b = tree / "a" / "one.wav", tree / "three.m4a"
+    (tree / "list.txt").write_text(f"# my files\n{a}\n\n{b}\n{a}\n  {b}  \n")
+    files = list_inputs(ListingConfig(str(tree / "list.txt"))).to_pylist()
+    assert [(f["uri"], f["size_bytes"]) for f in files] == [(str(a), 10), (str(b), 3)]
+    (tree / "list.csv").write_text(f"uri,size_bytes,modified\n{b},3,2026-01-01\n{a},10,2026-01-02\n{b},3,2026-01-01\n")
+    files = list_inputs(ListingConfig(str(tree / "list.csv"))).to_pylist()
+    assert [(f["uri"], f["modified"]) for f in files] == [(str(b), "2026-01-01"), (str(a), "2026-01-02")]
 
 
 def test_ids_are_stable_and_distinct():
