@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--long-file-s", type=float, default=1200.0,
                    help="featurize tasks reserve memory for files up to this many seconds; longer files run "
                         "afterwards in a lane whose tasks reserve it for the longest accepted file (6 h)")
+    p.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="fail the run when no stage makes progress this long (e.g. an actor that no node can "
+                        "hold) instead of waiting; -1 waits forever")
     p.add_argument("--run-id", default=None, help="name of this run (default: UTC time plus random suffix)")
     p.add_argument("--log-level", default="INFO", help="logging level")
     return p.parse_args(argv)
@@ -75,6 +78,7 @@ def main(argv=None) -> int:
                        ast_actors=args.ast_actors, clap_actors=args.clap_actors,
                        flush_every_s=args.flush_every, max_error_rate=args.max_error_rate,
                        rows_per_file=args.rows_per_file, long_file_s=args.long_file_s,
+                       stall_timeout_s=args.stall_timeout,
                        zero_shot_prompt=args.zero_shot_prompt, **extra)
     try:
         summary = run_tag_job(cfg)

@@ -7,6 +7,7 @@ through the aggregator into the writers on the driver, and writes the run summar
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -19,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data.exceptions import ExecutionTimeoutError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import pipeline
 from pipeline.aggregate import ClipAggregator, ZeroShot, clips_table
@@ -30,7 +33,7 @@ from pipeline.features_ast import AstFbankConfig
 from pipeline.features_clap import ClapMelConfig
 from pipeline.decode import LONG_FILE
 from pipeline.featurize import Featurize, FeaturizeConfig, task_memory_bytes
-from pipeline.resources import ResourcePlan, plan_resources
+from pipeline.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
 from pipeline.sources import FILE_SCHEMA, ListingConfig, list_inputs
 from pipeline.summary import RunSummary
 from pipeline.tagger import AstTagger, TaggerConfig
@@ -63,6 +66,7 @@ class TagJobConfig:
                                   # afterwards in a lane that reserves it for DecodeConfig.max_duration_s
     rows_per_file: int = 20_000
     flush_every_s: float = 60.0   # bounds the work a killed run loses
+    stall_timeout_s: float = 600.0  # fail (not wait) when the Ray Data execution makes no progress this long
     max_error_rate: float | None = None  # fraction of processed files; more errors fail the run (exit 1)
     zero_shot_labels: tuple[str, ...] = ()
     zero_shot_prompt: str = "This is a sound of {label}."
@@ -124,6 +128,7 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
     per_block = max(1, min(64, math.ceil(len(files) / 256)))
     blocks = [files.slice(i, per_block) for i in range(0, len(files), per_block)]
     memory = {"memory": lane.memory} if lane else {}
+    pinned = {"ray_remote_args_fn": functools.partial(_on_node, plan.node)} if plan.node else {}
     return (
         ray.data.from_arrow(blocks)
         # ray_remote_args_fn keeps Ray from fusing this CPU stage into the AST actors (it fuses when the
@@ -132,11 +137,16 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
                      batch_size=None, num_cpus=1, ray_remote_args_fn=_spread, **memory)
         .map_batches(AstTagger, fn_constructor_args=(stages.tagger,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.ast_cpus, num_gpus=plan.gpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(size=plan.ast_actors))
+                     compute=ray.data.ActorPoolStrategy(size=plan.ast_actors), **pinned)
         .map_batches(ClapEmbedder, fn_constructor_args=(stages.embedder,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.clap_cpus, num_gpus=plan.gpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(size=plan.clap_actors))
+                     compute=ray.data.ActorPoolStrategy(size=plan.clap_actors), **pinned)
     )
+
+
+def _on_node(node_id: str) -> dict:
+    """Model actors stay on this node while it lives (a plan whose fractional shares fit only together)."""
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}
 
 
 def _spread() -> dict:
@@ -178,7 +188,7 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     if not ray.is_initialized():
         ray.init()
     summary = RunSummary(cfg.run_id, cfg.max_error_rate)
-    plan = plan_resources(ray.cluster_resources(), cfg.num_gpus, cfg.ast_actors, cfg.clap_actors)
+    plan = plan_resources(node_shapes(), cfg.num_gpus, cfg.ast_actors, cfg.clap_actors)
     stages = model_stages(cfg, plan)
     metadata = run_metadata(cfg, stages, plan)
     _warn_untrained(metadata)
@@ -217,8 +227,8 @@ def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: Resource
     todo = files
     for lane in (short, long):
         handed_back = []
-        for batch in build_dataset(todo, stages, plan, cfg.batch_size or plan.batch_size, lane).iter_batches(
-                batch_format="pyarrow", batch_size=None):
+        dataset = build_dataset(todo, stages, plan, cfg.batch_size or plan.batch_size, lane)
+        for batch in _stream(dataset, cfg.stall_timeout_s, plan):
             batch, longer = _split_long(batch)
             if longer is not None:
                 handed_back.append(longer)
@@ -239,6 +249,23 @@ def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: Resource
     if out.clips.rows_written != len(files):
         raise RuntimeError(f"wrote {out.clips.rows_written} clip rows for {len(files)} input files")
     return out
+
+
+def _stream(dataset: ray.data.Dataset, stall_timeout_s: float, plan: ResourcePlan):
+    """The dataset's output batches; a stall (no operator made progress for `stall_timeout_s`, e.g. an
+    actor or task that can never be scheduled) fails the job with the plan and the free resources."""
+    dataset.context.execution_no_progress_timeout_s = stall_timeout_s
+    try:
+        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+    except ExecutionTimeoutError as e:
+        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        raise PlacementError(f"the job made no progress for {stall_timeout_s:g} s and was stopped rather than "
+                             f"left waiting. Resource plan: {plan}. Nodes: {_describe_nodes()}. Free now: "
+                             f"{free}. Ray Data said: {e}") from e
+
+
+def _describe_nodes() -> str:
+    return "; ".join(f"{n['node_id'][:12]} CPU {n.get('CPU', 0):g} GPU {n.get('GPU', 0):g}" for n in node_shapes())
 
 
 def _split_long(batch: pa.Table) -> tuple[pa.Table, pa.Table | None]:
@@ -262,12 +289,19 @@ def _zero_shot(cfg: TagJobConfig) -> ZeroShot | None:
 
 
 def _new_or_changed(listed: pa.Table, done: pa.Table | None) -> pa.Table:
-    """Listed files whose (clip_id, size, modified, etag) is not among the done ones."""
+    """Listed files whose (clip_id, size, modified, etag) is not among the done ones: an anti-join in
+    Arrow on one composite key (a C++ hash set, no Python object per row); a null matches a null."""
     if done is None or not len(listed):
         return listed
-    seen = set(zip(*(done.column(c).to_pylist() for c in IDENTITY)))
-    keep = [key not in seen for key in zip(*(listed.column(c).to_pylist() for c in IDENTITY))]
-    return listed.filter(pa.array(keep, pa.bool_()))
+    return listed.filter(pc.invert(pc.is_in(_identity_key(listed), value_set=_identity_key(done))))
+
+
+def _identity_key(table: pa.Table) -> pa.Array:
+    """IDENTITY columns joined into one string per row; a null becomes a marker no value contains, so
+    a file without an etag (local files) still matches its own done row."""
+    columns = [pc.cast(table.column(c), pa.string()) for c in IDENTITY]
+    key = pc.binary_join_element_wise(*columns, "\x1f", null_handling="replace", null_replacement="\x00")
+    return key.combine_chunks() if isinstance(key, pa.ChunkedArray) else key
 
 
 def _warn_untrained(metadata: dict) -> None:
