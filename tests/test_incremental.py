@@ -242,3 +242,27 @@ def test_crashed_and_out_of_memory_decodes_are_retried_next_run(tmp_path):
     writer.flush()
     commit(str(tmp_path), "r", "h", {"clips": writer.files})
     assert done_files(str(tmp_path), "h").column("clip_id").to_pylist() == ["d"]
+
+
+def test_skip_check_is_an_anti_join_on_the_identity():
+    """Unchanged files (a null etag or size matching a null) are skipped; another size, time or etag,
+    or a new id, is kept; the listing's order is kept."""
+    import pyarrow as pa
+
+    from pipeline.job import _new_or_changed
+    from pipeline.sources import FILE_SCHEMA
+
+    rows = [{"clip_id": f"c{i}", "uri": f"u{i}", "size_bytes": None if i == 3 else i, "modified": "m",
+             "etag": None if i % 2 else "e"} for i in range(7)]
+    listed = pa.Table.from_pylist(rows, schema=FILE_SCHEMA)
+    done = pa.Table.from_pylist([
+        {"clip_id": "c0", "size_bytes": 0, "modified": "m", "etag": "e"},
+        {"clip_id": "c1", "size_bytes": 1, "modified": "m", "etag": None},
+        {"clip_id": "c3", "size_bytes": None, "modified": "m", "etag": None},
+        {"clip_id": "c4", "size_bytes": 99, "modified": "m", "etag": "e"},   # changed size
+        {"clip_id": "c5", "size_bytes": 5, "modified": "m2", "etag": None},  # changed time
+        {"clip_id": "c6", "size_bytes": 6, "modified": "m", "etag": "other"},  # changed etag
+        {"clip_id": "gone", "size_bytes": 1, "modified": "m", "etag": "e"},
+    ], schema=pa.schema([FILE_SCHEMA.field(c) for c in ("clip_id", "size_bytes", "modified", "etag")]))
+    assert _new_or_changed(listed, done).column("clip_id").to_pylist() == ["c2", "c4", "c5", "c6"]
+    assert _new_or_changed(listed, None) is listed
