@@ -109,13 +109,17 @@ class Lane:
 
 
 def lanes(cfg: TagJobConfig, featurize: FeaturizeConfig) -> tuple[Lane, Lane]:
-    """The short-file lane every file starts in, and the long-file lane for those it hands back. The
-    long lane's reservation is capped at the largest node's memory, so its tasks always get placed
-    (one or a few at a time) instead of waiting forever."""
+    """The short-file lane every file starts in, and the long-file lane for those it hands back. Both
+    reservations are capped at 0.9x the largest node's Ray memory, so their tasks always get placed
+    (long files one or a few at a time) instead of waiting forever."""
     largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-    long_memory = task_memory_bytes(featurize, featurize.decode.max_duration_s)
-    return (Lane(cfg.long_file_s, task_memory_bytes(featurize, cfg.long_file_s)),
-            Lane(None, int(min(long_memory, 0.9 * largest)) if largest else long_memory))
+    short, long = (task_memory_bytes(featurize, s) for s in (cfg.long_file_s, featurize.decode.max_duration_s))
+    if largest and short > 0.9 * largest:
+        log.warning("the largest node offers Ray %.2f GB of memory, less than a featurize task may hold for a "
+                    "%g s file (%.2f GB): lower --long-file-s or use bigger nodes", largest / 1e9,
+                    cfg.long_file_s, short / 1e9)
+    cap = int(0.9 * largest) if largest else max(short, long)
+    return Lane(cfg.long_file_s, min(short, cap)), Lane(None, min(long, cap))
 
 
 def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batch_size: int,
