@@ -22,6 +22,7 @@ import ray
 import pipeline
 from pipeline.aggregate import ClipAggregator, ZeroShot, clips_table
 from pipeline.commits import IDENTITY, commit, done_files, orphan_parts
+from pipeline.device import resolve_precision
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
 from pipeline.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.features_ast import AstFbankConfig
@@ -52,6 +53,7 @@ class TagJobConfig:
                                     # None: 1 on CPU, 8 on GPU (resources.py)
     hop_s: float = 10.0
     num_gpus: str | float = "auto"
+    precision: str = "auto"         # "auto" | "fp32" | "bf16": auto is bf16 on GPUs, fp32 on CPU (device.py)
     ast_actors: int | None = None
     clap_actors: int | None = None
     windows_per_block: int = 16
@@ -85,10 +87,11 @@ def model_stages(cfg: TagJobConfig, plan: ResourcePlan) -> ModelStages:
     featurize = FeaturizeConfig(windows=WindowConfig(hop_s=cfg.hop_s), ast=ast_fb, clap=clap_mel,
                                 windows_per_block=cfg.windows_per_block)
     micro_batch = cfg.micro_batch or plan.micro_batch
+    precision = resolve_precision(cfg.precision, plan.gpus_per_actor > 0)
     tagger = TaggerConfig(cfg.ast_model, ast_fb.max_length, ast_fb.num_mel_bins, micro_batch,
-                          plan.ast_threads)
+                          plan.ast_threads, precision)
     embedder = EmbedderConfig(cfg.clap_model, (clap_mel.channels, clap_mel.num_frames, clap_mel.num_mel_bins),
-                              micro_batch, plan.clap_threads)
+                              micro_batch, plan.clap_threads, precision)
     return ModelStages(featurize, tagger, embedder)
 
 
@@ -98,22 +101,22 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
     blocks = [files.slice(i, per_block) for i in range(0, len(files), per_block)]
     return (
         ray.data.from_arrow(blocks)
-        # ray_remote_args_fn keeps Ray from fusing this CPU stage into the AST actors (it fuses when the
-        # resources match), which would run every decode in the few model actors, one at a time
-        .map_batches(Featurize(stages.featurize), batch_format="pyarrow", batch_size=None, num_cpus=1,
-                     ray_remote_args_fn=_spread)
+        # tasks, spread over the nodes (Ray Data's default scheduling strategy)
+        .map_batches(Featurize(stages.featurize), batch_format="pyarrow", batch_size=None, num_cpus=1)
+        # The model actors' own runtime env (MODEL_ENV) also keeps Ray from fusing the featurize tasks
+        # into them (it fuses when remote args match), which would decode in the few model actors
         .map_batches(AstTagger, fn_constructor_args=(stages.tagger,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.ast_cpus, num_gpus=plan.gpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(size=plan.ast_actors))
+                     compute=ray.data.ActorPoolStrategy(size=plan.ast_actors), runtime_env=MODEL_ENV)
         .map_batches(ClapEmbedder, fn_constructor_args=(stages.embedder,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.clap_cpus, num_gpus=plan.gpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(size=plan.clap_actors))
+                     compute=ray.data.ActorPoolStrategy(size=plan.clap_actors), runtime_env=MODEL_ENV)
     )
 
 
-def _spread() -> dict:
-    """Featurize tasks spread over the cluster's nodes."""
-    return {"scheduling_strategy": "SPREAD"}
+# OpenMP threads of idle model actors sleep instead of spinning: with spinning, a tiny model at 2 threads
+# on a busy 2-core machine burnt 235 ms of CPU per window instead of 11 (BENCHMARKS.md, CPU cost).
+MODEL_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def run_metadata(cfg: TagJobConfig, stages: ModelStages) -> dict:
