@@ -72,8 +72,10 @@ def role(pid: int) -> str:
     except OSError:
         return "gone"
     for key, name in (("pipeline.isolation", "decoder_child"), ("gcs_server", "ray_gcs"), ("raylet", "raylet"),
-                      ("Featurize", "featurize_worker"), ("AstTagger", "ast_actor"),
-                      ("ClapEmbedder", "clap_actor"), ("_MapWorker", "model_actor"), ("ray::", "ray_worker_other")):
+                      ("Featurize", "featurize_worker"), ("ray::IDLE", "featurize_worker"),  # idle task workers
+                      ("AstTagger", "ast_actor"), ("ClapEmbedder", "clap_actor"),
+                      ("DashboardAgent", "ray_agents"), ("RuntimeEnvAgent", "ray_agents"),
+                      ("ray::", "ray_data_actors")):  # _StatsActor, _AutoscalingCoordinatorActor, ...
         if key in cmd:
             return name
     return "ray_other"

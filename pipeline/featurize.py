@@ -84,7 +84,7 @@ class Featurize:
 
     def __call__(self, files: pa.Table) -> Iterator[pa.Table]:
         if self._ast is None:  # built in the worker, not pickled with the stage
-            self._ast, self._clap = AstFbank(self.config.ast), ClapMel(self.config.clap)
+            self._ast, self._clap = _extractors(self.config.ast, self.config.clap)
         block = self._new_block()
         for file in files.to_pylist():
             for row, audio, window in self._rows(file):
@@ -129,3 +129,15 @@ class Featurize:
         self._ast(audio.waves[ast_rate][span16], out=block.ast[block.filled])
         self._clap.one(audio.waves[clap_rate][span48], out=block.clap[block.filled])
         block.filled += 1
+
+
+_EXTRACTORS: dict[tuple, tuple[AstFbank, ClapMel]] = {}
+
+
+def _extractors(ast: AstFbankConfig, clap: ClapMelConfig) -> tuple[AstFbank, ClapMel]:
+    """The worker process's feature extractors for these configs. Ray unpickles the stage afresh for
+    every task, and building the mel banks cost ~10 ms per task (py-spy), more than a clip's fbank."""
+    key = (ast, clap)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = (AstFbank(ast), ClapMel(clap))
+    return _EXTRACTORS[key]

@@ -97,7 +97,10 @@ def model_stages(cfg: TagJobConfig, plan: ResourcePlan) -> ModelStages:
 
 def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batch_size: int) -> ray.data.Dataset:
     """The pipeline as one Ray Data chain over a table of input files."""
-    per_block = max(1, min(64, math.ceil(len(files) / 256)))
+    # Files per featurize task: each task costs Ray scheduling, a fresh unpickled stage and a memory
+    # poll thread; ~8 tasks per CPU still balances the tail. At most 16 (tasks stream their blocks).
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+    per_block = max(1, min(16, math.ceil(len(files) / (8 * cpus))))
     blocks = [files.slice(i, per_block) for i in range(0, len(files), per_block)]
     return (
         ray.data.from_arrow(blocks)
