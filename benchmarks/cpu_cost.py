@@ -239,6 +239,7 @@ def summarise(runs: dict, small: int, large: int, parts: dict) -> dict:
                        - float(np.median([r["tree_split_s"].get(k, 0.0) for r in runs[small]])))
                       / (large - small) * 1000, 2) for k in roles}
     machine_ms, tree_ms = marginal("machine_busy_s"), marginal("tree_cpu_s")
+    models_ms = parts["tiny_ast_per_window"] + parts["tiny_clap_per_window"]
     steady = (large - small) / (med(large, "wall_s") - med(small, "wall_s"))
     return {
         "marginal_core_ms_per_clip_machine": round(machine_ms, 2),
@@ -248,6 +249,10 @@ def summarise(runs: dict, small: int, large: int, parts: dict) -> dict:
         "ratio_machine_over_floor": round(machine_ms / parts["floor"], 2),
         "ratio_process_tree_over_floor": round(tree_ms / parts["floor"], 2),
         "one_thread_ms": {k: round(v, 2) for k, v in parts.items()},
+        # what a GPU node's CPUs do per clip: the job less the tiny models' forward passes (which a GPU
+        # runs); pipeline/resources.py's FEATURE_WINDOWS_PER_CORE is 1000 / this
+        "cpu_side_ms_per_clip": round(min(machine_ms, tree_ms) - models_ms, 2),
+        "ratio_cpu_side_over_floor": round((min(machine_ms, tree_ms) - models_ms) / parts["floor"], 2),
         "steady_clips_per_s": round(steady, 2),
         "runs": {str(n): [{k: (round(v, 3) if isinstance(v, float) else
                                {a: round(b, 3) for a, b in v.items()} if isinstance(v, dict) else v)
@@ -264,6 +269,8 @@ def report(result: dict) -> None:
     print(f"{'process tree (driver, Ray, workers, children)':<44}"
           f"{result['marginal_core_ms_per_clip_process_tree']:>10}{result['ratio_process_tree_over_floor']:>9}")
     print(f"{'floor (decode + 2 resamples + bare FFTs)':<44}{result['floor_ms_per_clip']:>10}{1.0:>9}")
+    print(f"{'  less the tiny models (one thread)':<44}{result['cpu_side_ms_per_clip']:>10}"
+          f"{result['ratio_cpu_side_over_floor']:>9}")
     print(f"steady state: {result['steady_clips_per_s']} clips/s")
     print("\nmarginal ms per clip by process role:")
     for k, v in sorted(result["marginal_split_ms_per_clip"].items(), key=lambda kv: -kv[1]):

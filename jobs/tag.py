@@ -31,8 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows per model actor call (default: 32 on CPU, 256 on GPU)")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help="windows per forward pass (default: 1 on CPU, 8 on GPU); fixed and zero-padded so "
+                   help="windows per forward pass (default: 1 on CPU, 128 on GPU); fixed and zero-padded so "
                         "results never depend on batching")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="model precision: auto is bf16 on GPUs (weights cast, no autocast) and fp32 on CPU; "
+                        "fp32 keeps parity with the HF float32 reference within 1e-4 (BENCHMARKS.md)")
     p.add_argument("--hop", type=float, default=10.0, help="seconds between window starts (0 < hop <= 10)")
     p.add_argument("--num-gpus", default="auto",
                    help="GPU share per model actor: auto (0.5 when the cluster has GPUs, else CPU), 0, or F")
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
             extra["zero_shot_labels"] = tuple(line.strip() for line in f if line.strip())
     cfg = TagJobConfig(input=args.input, output=args.output, ast_model=args.ast_model,
                        clap_model=args.clap_model, top_k=args.top_k, batch_size=args.batch_size,
-                       micro_batch=args.micro_batch, hop_s=args.hop, num_gpus=num_gpus,
+                       micro_batch=args.micro_batch, precision=args.precision, hop_s=args.hop, num_gpus=num_gpus,
                        ast_actors=args.ast_actors, clap_actors=args.clap_actors,
                        flush_every_s=args.flush_every, zero_shot_prompt=args.zero_shot_prompt, **extra)
     try:

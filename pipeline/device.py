@@ -1,9 +1,10 @@
 """Where a model runs and in what precision: CUDA when the actor got a GPU, else CPU.
 
-Precision is a run setting (`TagJobConfig.precision`): "fp32" is plain float32 everywhere (parity with
-the HF float32 reference within 1e-4); "bf16" casts the weights to bfloat16 and feeds bfloat16 inputs,
-with no autocast (autocast re-casts weights on every op and measured slower than fp32 for CLAP on an
-H100); "auto" is "bf16" on a GPU that supports it and "fp32" otherwise.
+Precision is a run setting (`TagJobConfig.precision`): "fp32" is plain float32 (parity with the HF
+float32 reference within 1e-4); "bf16" casts the weights to bfloat16 and feeds bfloat16 inputs, with no
+autocast (autocast re-casts weights on every op; at micro-batch 8 it measured slower than fp32 for CLAP
+on an H100, issue 13); "auto" is "bf16" on GPUs and "fp32" on CPU. On CPU every model runs float32:
+bf16 breaks AST parity there (BENCHMARKS.md, Models).
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ class Placement:
                 log.warning("this GPU has no bfloat16 support: running float32")
                 dtype = None
             return cls(torch.device("cuda"), None, dtype)
+        if dtype is not None:  # e.g. a GPU plan whose actor sees no CUDA (fake GPU nodes in tests)
+            log.warning("precision bf16 asked, but this actor runs on CPU: running float32 (bf16 breaks "
+                        "AST parity on CPU, BENCHMARKS.md)")
         if cpu_threads:
             torch.set_num_threads(max(1, int(cpu_threads)))
-        return cls(torch.device("cpu"), None, dtype)
+        return cls(torch.device("cpu"))
 
     @property
     def precision(self) -> str:

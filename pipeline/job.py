@@ -50,7 +50,7 @@ class TagJobConfig:
     top_k: int = 5
     batch_size: int | None = None  # windows per model actor call; None: 32 on CPU, 256 on GPU (resources.py)
     micro_batch: int | None = None  # windows per forward pass (fixed shape: batch-independent results);
-                                    # None: 1 on CPU, 8 on GPU (resources.py)
+                                    # None: 1 on CPU, 128 on GPU (resources.py)
     hop_s: float = 10.0
     num_gpus: str | float = "auto"
     precision: str = "auto"         # "auto" | "fp32" | "bf16": auto is bf16 on GPUs, fp32 on CPU (device.py)
