@@ -41,6 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Before torch loads: the bound runs its models in this process, whose OpenMP threads should sleep, not
+# spin, between ops, as the job's model actors do (pipeline.job.MODEL_ENV).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 log = logging.getLogger("benchmarks.node")
 RATE, SECONDS = 44_100, 10.0
 
