@@ -136,7 +136,7 @@ _EXTRACTORS: dict[tuple, tuple[AstFbank, ClapMel]] = {}
 
 def _extractors(ast: AstFbankConfig, clap: ClapMelConfig) -> tuple[AstFbank, ClapMel]:
     """The worker process's feature extractors for these configs. Ray unpickles the stage afresh for
-    every task, and building the mel banks cost ~10 ms per task (py-spy), more than a clip's fbank."""
+    every task, which rebuilt both mel banks each time (~1.7 ms of one core per task)."""
     key = (ast, clap)
     if key not in _EXTRACTORS:
         _EXTRACTORS[key] = (AstFbank(ast), ClapMel(clap))
