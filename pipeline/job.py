@@ -22,8 +22,8 @@ import ray
 import pipeline
 from pipeline.aggregate import ClipAggregator, ZeroShot, clips_table
 from pipeline.commits import IDENTITY, commit, done_files, orphan_parts
-from pipeline.device import resolve_precision
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
+from pipeline.device import resolve_precision
 from pipeline.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.features_ast import AstFbankConfig
 from pipeline.features_clap import ClapMelConfig
