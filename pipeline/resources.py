@@ -26,10 +26,11 @@ GPU_PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 70.0, "A100": 312.0, "H100":
 # to bf16 at micro-batch 128, AST + CLAP ~1,100 windows/s x 218.5 GFLOP / 989 TFLOP/s = 0.24.
 GPU_MFU = 0.24
 FLOPS_PER_WINDOW = 218.5e9         # AST base 206.7 G + CLAP HTSAT-tiny audio 11.8 G (flop_counter)
-# 10 s FLAC clips the job's CPU side handles per busy core-second: the real job's marginal CPU per clip
-# with tiny models, less their forward passes (python -m benchmarks.cpu_cost, "cpu_side_ms_per_clip";
-# BENCHMARKS.md, CPU cost per clip). Not the one-thread feature rate: Ray, the decoder child, copies
-# and the driver cost CPU too.
+# 10 s FLAC clips the job's CPU side (everything but the models' forward passes) handles per busy
+# core-second. Issue 13 measured 62.6 busy core-ms per clip for the job on its H100 node before the
+# changes; python -m benchmarks.cpu_cost measured the CPU-side roles (featurize, decoder children, driver,
+# Ray) at 72.5 -> 55.2 ms per clip on 2 cores, so ~48 ms there: 21 per core-second, rounded down.
+# Not the one-thread feature rate: Ray, the decoder child, copies and the driver cost CPU too.
 FEATURE_WINDOWS_PER_CORE = 20.0
 CPU_BATCH, GPU_BATCH = 32, 256     # windows per model actor call
 CPU_MICRO, GPU_MICRO = 1, 128      # windows per forward pass: on CPU 1 is as fast as any and never pads;
