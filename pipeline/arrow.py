@@ -34,6 +34,8 @@ def blobs_from_rows(rows: np.ndarray, valid: np.ndarray) -> pa.BinaryArray:
     if len(rows) != int(valid.sum()):
         raise ValueError(f"{len(rows)} feature rows for {int(valid.sum())} valid entries")
     width = rows[0].nbytes if len(rows) else 0
+    if rows.nbytes >= 2**31:  # binary offsets are int32
+        raise ValueError(f"{rows.nbytes} bytes of features in one column chunk; the limit is 2 GiB")
     offsets = np.zeros(len(valid) + 1, dtype=np.int32)
     np.cumsum(valid * width, out=offsets[1:])
     mask = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
