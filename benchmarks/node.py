@@ -8,7 +8,8 @@ things at small sizes with tiny models on CPU (the defaults there), so it keeps 
    that measures the fixed cost (actor start, model load, drain). Whole run = files / wall; steady
    state = (files - 1) / (wall - 1-file wall).
 2. bound: the job's own AstTagger and ClapEmbedder, loaded once, on random features of the job's shapes
-   (no decode, no features), at the job's micro-batch and precision: AST alone, CLAP alone, both.
+   (no decode, no features), at the job's micro-batch and precision: AST alone, CLAP alone, both. With
+   bf16, also its deviation from fp32 stages on the same windows (AST logits, CLAP cosine).
 3. dataloader: the script users write (torch DataLoader, N worker processes each reading with
    soundfile, soxr to 16 and 48 kHz, HF's ASTFeatureExtractor and ClapFeatureExtractor; batches of 64 to
    the model under bf16 autocast on GPU (fp32 on CPU); top-5 labels + CLAP embedding to Parquet).
@@ -169,9 +170,34 @@ def bound(models: dict, precision: str, windows: int) -> dict:
         result = {"ast_windows_per_s": timed(lambda: [ast(b) for b in batches]),
                   "clap_windows_per_s": timed(lambda: [clap(b) for b in batches]),
                   "both_windows_per_s": timed(lambda: [clap(ast(b)) for b in batches])}
+    deviation = precision_deviation(stages, ast, clap, batches[0]) if stages.tagger.precision == "bf16" else None
     return {**{k: round(v, 1) for k, v in result.items()}, "windows": n, "batch": plan.batch_size,
+            "bf16_vs_fp32": deviation,
             "micro_batch": stages.tagger.micro_batch,
             "precision": stages.tagger.precision, **s.summary()}
+
+
+def precision_deviation(stages, ast, clap, rows) -> dict:
+    """bf16 (the job's stages) against fp32 stages of the same checkpoints on the same windows: max abs
+    AST logit difference (the product's fp32 bar is 1e-4) and min CLAP cosine (bar 0.9999). Random
+    weights and random features: indicative only; trained checkpoints can differ."""
+    import torch
+
+    from pipeline.arrow import to_matrix
+    from pipeline.embedder import ClapEmbedder
+    from pipeline.tagger import AstTagger
+
+    fp32 = (AstTagger(type(stages.tagger)(**{**stages.tagger.__dict__, "precision": "fp32"})),
+            ClapEmbedder(type(stages.embedder)(**{**stages.embedder.__dict__, "precision": "fp32"})))
+    logits, embeddings = [], []
+    for a, c in ((ast, clap), fp32):
+        out = c(a(rows))
+        logits.append(torch.logit(torch.from_numpy(to_matrix(out.column("scores"))).double()).numpy())
+        embeddings.append(to_matrix(out.column("clap_embedding")).astype(np.float64))
+    cosine = (embeddings[0] * embeddings[1]).sum(1) / np.linalg.norm(embeddings[0], axis=1) / np.linalg.norm(
+        embeddings[1], axis=1)
+    return {"windows": len(rows), "ast_max_abs_logit": float(np.abs(logits[0] - logits[1]).max()),
+            "clap_cosine_min": float(cosine.min())}
 
 
 def dataloader_script(models: dict, audio: Path, out: Path, workers: int, batch: int = 64) -> dict:
@@ -336,6 +362,10 @@ def report(result: dict) -> None:
         b = result["bound"]
         print(f"bound ({b['precision']}, micro-batch {b['micro_batch']}), windows/s: AST {b['ast_windows_per_s']}, "
               f"CLAP {b['clap_windows_per_s']}, both {b['both_windows_per_s']} (GPU busy {b['gpu_busy_pct']}%)")
+        if b.get("bf16_vs_fp32"):
+            d = b["bf16_vs_fp32"]
+            print(f"bf16 vs fp32 on {d['windows']} random windows: AST max abs logit {d['ast_max_abs_logit']:.2e}, "
+                  f"CLAP cosine min {d['clap_cosine_min']:.6f}")
     for key in ("job_over_dataloader_whole", "job_steady_over_dataloader_loop", "job_steady_over_bound"):
         if key in result:
             print(f"{key}: {result[key]}")
