@@ -29,7 +29,7 @@ FLOPS_PER_WINDOW = 218.5e9         # AST base 206.7 G + CLAP HTSAT-tiny audio 11
 # 10 s FLAC clips the job's CPU side (everything but the models' forward passes) handles per busy
 # core-second. Issue 13 measured 62.6 busy core-ms per clip for the job on its H100 node before the
 # changes; python -m benchmarks.cpu_cost measured the CPU-side roles (featurize, decoder children, driver,
-# Ray) at 72.5 -> 55.2 ms per clip on 2 cores, so ~48 ms there: 21 per core-second, rounded down.
+# Ray) at 67.7 -> 48.6 ms per clip on 2 cores (-28%), so ~45 ms there: 22 per core-second, rounded down.
 # Not the one-thread feature rate: Ray, the decoder child, copies and the driver cost CPU too.
 FEATURE_WINDOWS_PER_CORE = 20.0
 CPU_BATCH, GPU_BATCH = 32, 256     # windows per model actor call
