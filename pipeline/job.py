@@ -52,7 +52,7 @@ class TagJobConfig:
     top_k: int = 5
     batch_size: int | None = None  # windows per model actor call; None: 32 on CPU, 256 on GPU (resources.py)
     micro_batch: int | None = None  # windows per forward pass (fixed shape: batch-independent results);
-                                    # None: 1 on CPU, 8 on GPU (resources.py)
+                                    # None: 1 on CPU, 128 on GPU (resources.py)
     hop_s: float = 10.0
     num_gpus: str | float = "auto"
     precision: str = "auto"  # "fp32", "bf16", or "auto": bf16 when the model actors get GPUs, else fp32
@@ -125,27 +125,31 @@ def lanes(cfg: TagJobConfig, featurize: FeaturizeConfig) -> tuple[Lane, Lane]:
 def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batch_size: int,
                   lane: Lane | None = None) -> ray.data.Dataset:
     """The pipeline as one Ray Data chain over a table of input files."""
-    per_block = max(1, min(64, math.ceil(len(files) / 256)))
+    # Files per featurize task: each task costs Ray scheduling, a fresh unpickled stage and a memory
+    # poll thread; ~8 tasks per CPU still balances the tail. At most 16 (tasks stream their blocks).
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+    per_block = max(1, min(16, math.ceil(len(files) / (8 * cpus))))
     blocks = [files.slice(i, per_block) for i in range(0, len(files), per_block)]
     memory = {"memory": lane.memory} if lane else {}
     return (
         ray.data.from_arrow(blocks)
-        # ray_remote_args_fn keeps Ray from fusing this CPU stage into the AST actors (it fuses when the
-        # resources match), which would run every decode in the few model actors, one at a time
+        # tasks, spread over the nodes (Ray Data's default scheduling strategy)
         .map_batches(Featurize(stages.featurize, lane.max_s if lane else None), batch_format="pyarrow",
-                     batch_size=None, num_cpus=1, ray_remote_args_fn=_spread, **memory)
+                     batch_size=None, num_cpus=1, **memory)
+        # The model actors' own runtime env (MODEL_ENV) also keeps Ray from fusing the featurize tasks
+        # into them (it fuses when remote args match), which would decode in the few model actors
         .map_batches(AstTagger, fn_constructor_args=(stages.tagger,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.ast_cpus, num_gpus=plan.gpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(size=plan.ast_actors))
+                     compute=ray.data.ActorPoolStrategy(size=plan.ast_actors), runtime_env=MODEL_ENV)
         .map_batches(ClapEmbedder, fn_constructor_args=(stages.embedder,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.clap_cpus, num_gpus=plan.gpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(size=plan.clap_actors))
+                     compute=ray.data.ActorPoolStrategy(size=plan.clap_actors), runtime_env=MODEL_ENV)
     )
 
 
-def _spread() -> dict:
-    """Featurize tasks spread over the cluster's nodes."""
-    return {"scheduling_strategy": "SPREAD"}
+# OpenMP threads of idle model actors sleep instead of spinning: with spinning, a tiny model at 2 threads
+# on a busy 2-core machine burnt 235 ms of CPU per window instead of 11 (BENCHMARKS.md, CPU cost).
+MODEL_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def run_metadata(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan) -> dict:
