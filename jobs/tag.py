@@ -31,14 +31,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows per model actor call (default: 32 on CPU, 256 on GPU)")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help="windows per forward pass (default: 1 on CPU, 8 on GPU); fixed and zero-padded so "
+                   help="windows per forward pass (default: 1 on CPU, 128 on GPU); fixed and zero-padded so "
                         "results never depend on batching")
     p.add_argument("--hop", type=float, default=10.0, help="seconds between window starts (0 < hop <= 10)")
     p.add_argument("--num-gpus", default="auto",
                    help="GPU share per model actor: auto (0.5 when the cluster has GPUs, else CPU), 0, or F")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="model precision, part of the settings: auto is bf16 when the models get GPUs, else "
-                        "fp32; a rerun with another precision reprocesses every file (README, Reruns)")
+                   help="model precision, part of the settings: auto is bf16 when the models get GPUs (weights "
+                        "cast, no autocast), else fp32; fp32 keeps parity with the HF float32 reference within "
+                        "1e-4; a rerun with another precision reprocesses every file (README, Reruns)")
     p.add_argument("--ast-actors", type=int, default=None, help="AST actor pool size (default from GPUs, else 1)")
     p.add_argument("--clap-actors", type=int, default=None, help="CLAP actor pool size (default as AST)")
     p.add_argument("--zero-shot", metavar="LABELS_FILE",

@@ -70,14 +70,18 @@ class AstFbank:
         self._banks = MelBands(torch.nn.functional.pad(banks, (0, 1)).T)
         self._window = torch.hann_window(self.frame_length, periodic=False)
 
-    def __call__(self, wave: np.ndarray) -> np.ndarray:
+    def __call__(self, wave: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Features of one window, written into `out` ((max_length, num_mel_bins) float32) if given."""
         c = self.config
         logmel = self.log_mel(wave)
-        out = np.zeros((c.max_length, c.num_mel_bins), dtype=np.float32)
+        if out is None:
+            out = np.empty((c.max_length, c.num_mel_bins), dtype=np.float32)
         out[:len(logmel)] = logmel.numpy()
-        if c.do_normalize:
-            out = (out - c.mean) / (c.std * 2)
-        return out.astype(np.float32, copy=False)
+        out[len(logmel):] = 0.0
+        if c.do_normalize:  # in place: the same float32 values as (out - mean) / (2 * std)
+            out -= c.mean
+            out /= c.std * 2
+        return out
 
     def log_mel(self, wave: np.ndarray) -> torch.Tensor:
         """(frames, num_mel_bins) natural-log mel energies of at most `max_length` frames."""

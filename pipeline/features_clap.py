@@ -91,7 +91,12 @@ class ClapMel:
         c = self.config
         out = np.empty((len(waves), c.channels, c.num_frames, c.num_mel_bins), dtype=np.float32)
         for i, wave in enumerate(waves):
-            out[i] = self.log_mel(wave).numpy()
+            self.one(wave, out[i])
+        return out
+
+    def one(self, wave: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Features of one window written into `out` ((channels, frames, mels) float32)."""
+        out[:] = self.log_mel(wave).numpy()
         return out
 
     def log_mel(self, wave: np.ndarray) -> torch.Tensor:

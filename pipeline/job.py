@@ -7,7 +7,6 @@ through the aggregator into the writers on the driver, and writes the run summar
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import json
 import logging
@@ -55,7 +54,7 @@ class TagJobConfig:
     top_k: int = 5
     batch_size: int | None = None  # windows per model actor call; None: 32 on CPU, 256 on GPU (resources.py)
     micro_batch: int | None = None  # windows per forward pass (fixed shape: batch-independent results);
-                                    # None: 1 on CPU, 8 on GPU (resources.py)
+                                    # None: 1 on CPU, 128 on GPU (resources.py)
     hop_s: float = 10.0
     num_gpus: str | float = "auto"
     precision: str = "auto"  # "fp32", "bf16", or "auto": bf16 when the model actors get GPUs, else fp32
@@ -113,45 +112,49 @@ class Lane:
 
 
 def lanes(cfg: TagJobConfig, featurize: FeaturizeConfig) -> tuple[Lane, Lane]:
-    """The short-file lane every file starts in, and the long-file lane for those it hands back. The
-    long lane's reservation is capped at the largest node's memory, so its tasks always get placed
-    (one or a few at a time) instead of waiting forever."""
+    """The short-file lane every file starts in, and the long-file lane for those it hands back. Both
+    reservations are capped at 0.9x the largest node's Ray memory, so their tasks always get placed
+    (long files one or a few at a time) instead of waiting forever."""
     largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-    long_memory = task_memory_bytes(featurize, featurize.decode.max_duration_s)
-    return (Lane(cfg.long_file_s, task_memory_bytes(featurize, cfg.long_file_s)),
-            Lane(None, int(min(long_memory, 0.9 * largest)) if largest else long_memory))
+    short, long = (task_memory_bytes(featurize, s) for s in (cfg.long_file_s, featurize.decode.max_duration_s))
+    if largest and short > 0.9 * largest:
+        log.warning("the largest node offers Ray %.2f GB of memory, less than a featurize task may hold for a "
+                    "%g s file (%.2f GB): lower --long-file-s or use bigger nodes", largest / 1e9,
+                    cfg.long_file_s, short / 1e9)
+    cap = int(0.9 * largest) if largest else max(short, long)
+    return Lane(cfg.long_file_s, min(short, cap)), Lane(None, min(long, cap))
 
 
 def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batch_size: int,
                   lane: Lane | None = None) -> ray.data.Dataset:
     """The pipeline as one Ray Data chain over a table of input files."""
-    per_block = max(1, min(64, math.ceil(len(files) / 256)))
+    # Files per featurize task: each task costs Ray scheduling, a fresh unpickled stage and a memory
+    # poll thread; ~8 tasks per CPU still balances the tail. At most 16 (tasks stream their blocks).
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+    per_block = max(1, min(16, math.ceil(len(files) / (8 * cpus))))
     blocks = [files.slice(i, per_block) for i in range(0, len(files), per_block)]
     memory = {"memory": lane.memory} if lane else {}
-    pinned = {"ray_remote_args_fn": functools.partial(_on_node, plan.node)} if plan.node else {}
+    # model actors stay on this node while it lives (a plan whose fractional shares fit only together)
+    pinned = {"scheduling_strategy": NodeAffinitySchedulingStrategy(plan.node, soft=True)} if plan.node else {}
     return (
         ray.data.from_arrow(blocks)
-        # ray_remote_args_fn keeps Ray from fusing this CPU stage into the AST actors (it fuses when the
-        # resources match), which would run every decode in the few model actors, one at a time
+        # tasks, spread over the nodes (Ray Data's default scheduling strategy)
         .map_batches(Featurize(stages.featurize, lane.max_s if lane else None), batch_format="pyarrow",
-                     batch_size=None, num_cpus=1, ray_remote_args_fn=_spread, **memory)
+                     batch_size=None, num_cpus=1, **memory)
+        # The model actors' own runtime env (MODEL_ENV) also keeps Ray from fusing the featurize tasks
+        # into them (it fuses when remote args match), which would decode in the few model actors
         .map_batches(AstTagger, fn_constructor_args=(stages.tagger,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.ast_cpus, num_gpus=plan.gpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(size=plan.ast_actors), **pinned)
+                     compute=ray.data.ActorPoolStrategy(size=plan.ast_actors), runtime_env=MODEL_ENV, **pinned)
         .map_batches(ClapEmbedder, fn_constructor_args=(stages.embedder,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.clap_cpus, num_gpus=plan.gpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(size=plan.clap_actors), **pinned)
+                     compute=ray.data.ActorPoolStrategy(size=plan.clap_actors), runtime_env=MODEL_ENV, **pinned)
     )
 
 
-def _on_node(node_id: str) -> dict:
-    """Model actors stay on this node while it lives (a plan whose fractional shares fit only together)."""
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}
-
-
-def _spread() -> dict:
-    """Featurize tasks spread over the cluster's nodes."""
-    return {"scheduling_strategy": "SPREAD"}
+# OpenMP threads of idle model actors sleep instead of spinning: with spinning, a tiny model at 2 threads
+# on a busy 2-core machine burnt 235 ms of CPU per window instead of 11 (BENCHMARKS.md, CPU cost).
+MODEL_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def run_metadata(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan) -> dict:

@@ -22,11 +22,19 @@ log = logging.getLogger(__name__)
 
 # Dense fp16/bf16 tensor peak, TFLOP/s, from the vendors' spec sheets, by Ray accelerator type.
 GPU_PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 70.0, "A100": 312.0, "H100": 989.0}
-ASSUMED_MFU = 0.3                  # achieved fraction of peak (assumed; no GPU measured)
+# Achieved fraction of peak, measured (issue 13, one H100, random-weight full-size models): weights cast
+# to bf16 at micro-batch 128, AST + CLAP ~1,100 windows/s x 218.5 GFLOP / 989 TFLOP/s = 0.24.
+GPU_MFU = 0.24
 FLOPS_PER_WINDOW = 218.5e9         # AST base 206.7 G + CLAP HTSAT-tiny audio 11.8 G (flop_counter)
-FEATURE_WINDOWS_PER_CORE = 38.5    # 10 s FLAC clips per core per second, decode to features (BENCHMARKS.md)
+# 10 s FLAC clips the job's CPU side (everything but the models' forward passes) handles per busy
+# core-second. Issue 13 measured 62.6 busy core-ms per clip for the job on its H100 node before the
+# changes; python -m benchmarks.cpu_cost measured the CPU-side roles (featurize, decoder children, driver,
+# Ray) at 67.7 -> 48.6 ms per clip on 2 cores (-28%), so ~45 ms there: 22 per core-second, rounded down.
+# Not the one-thread feature rate: Ray, the decoder child, copies and the driver cost CPU too.
+FEATURE_WINDOWS_PER_CORE = 20.0
 CPU_BATCH, GPU_BATCH = 32, 256     # windows per model actor call
-CPU_MICRO, GPU_MICRO = 1, 8        # windows per forward pass: on CPU 1 is as fast as any and never pads
+CPU_MICRO, GPU_MICRO = 1, 128      # windows per forward pass: on CPU 1 is as fast as any and never pads;
+                                   # on a GPU 128 reaches the model-only bound (issue 13: 8 gave a third)
 CLAP_SHARE = 0.06                  # CLAP audio / (AST + CLAP audio) CPU time per window (measured)
 MAX_THREADS = 8                    # torch threads per AST actor on CPU; more actors beyond that
 FEATURIZE_RESERVE = 32             # keep one logical CPU per this many free for featurize tasks
@@ -37,7 +45,7 @@ def cores_per_gpu(accelerator: str) -> float | None:
     peak = GPU_PEAK_TFLOPS.get(accelerator)
     if peak is None:
         return None
-    return peak * 1e12 * ASSUMED_MFU / FLOPS_PER_WINDOW / FEATURE_WINDOWS_PER_CORE
+    return peak * 1e12 * GPU_MFU / FLOPS_PER_WINDOW / FEATURE_WINDOWS_PER_CORE
 
 
 class PlacementError(RuntimeError):

@@ -115,13 +115,15 @@ def test_gpu_plans_follow_the_sizing_formula(caplog):
     assert plan_resources({"CPU": 16}).batch_size == 32
     starved = plan_resources({"CPU": 8, "GPU": 1, "accelerator_type:A100": 1})
     assert starved.batch_size == 256
-    needed = cores_per_gpu("A100")  # 312 TFLOP/s x 0.3 / 218.5 GFLOP per window / 38.5 windows/s per core
-    assert needed == pytest.approx(312e12 * 0.3 / 218.5e9 / 38.5)
-    assert "need about 11 cores" in caplog.text and "A100" in caplog.text
+    needed = cores_per_gpu("A100")  # 312 TFLOP/s x 0.24 / 218.5 GFLOP per window / 20 windows/s per core
+    assert needed == pytest.approx(312e12 * 0.24 / 218.5e9 / 20.0)
+    assert "need about 17 cores" in caplog.text and "A100" in caplog.text
     caplog.clear()
-    plan_resources({"CPU": 12, "GPU": 1, "accelerator_type:A100": 1})
+    plan_resources({"CPU": 18, "GPU": 1, "accelerator_type:A100": 1})
     assert "need about" not in caplog.text
-
+    # issue 13's node (16 cores, one H100) is CPU-bound: the warning must say so
+    plan_resources({"CPU": 16, "GPU": 1, "accelerator_type:H100": 1})
+    assert "need about 54 cores" in caplog.text
 
 
 def _every_placement_works(nodes: list[dict], plan) -> bool:

@@ -124,8 +124,8 @@ def test_crash_right_after_a_clips_part_loses_no_windows(checkpoints, tmp_path):
         _write(corpus, f"f{i:02d}.wav", 15.0, seed=i)  # two windows each
     crashed = _tag_process(corpus, out, checkpoints, "crashed", "--flush-every", "100000", "--rows-per-file", "3",
                            module="tests.crash_after_clips_part")
-    crashed.communicate(timeout=600)
-    assert crashed.returncode == -signal.SIGKILL
+    _, stderr = crashed.communicate(timeout=600)
+    assert crashed.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
     assert list((out / "clips" / "crashed").glob("part-*.parquet")) and not (out / "_commits").exists()
 
     rerun = _tag_process(corpus, out, checkpoints, "rerun")
