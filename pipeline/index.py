@@ -44,7 +44,7 @@ class AnnConfig:
 
     m: int = 32
     ef_construction: int = 80
-    ef_search: int = 320   # 1M vectors: 4.9 ms at recall@10 0.958 (BENCHMARKS.md)
+    ef_search: int = 320   # 100k vectors: 4.9 ms at recall@10 0.998 (BENCHMARKS.md, Search; search.json)
     rebuild_dead_fraction: float = 0.2
 
 
