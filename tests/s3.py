@@ -29,11 +29,21 @@ class MotoS3:
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self):
+        _forget_s3_filesystems()
         self.server.start()
         return self
 
     def __exit__(self, *exc):
         self.server.stop()
+        _forget_s3_filesystems()
+
+
+def _forget_s3_filesystems() -> None:
+    """fsspec caches S3 filesystems by their arguments, not by the endpoint they read from the
+    environment: one bound to a stopped server would otherwise serve the next test's s3:// URLs."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 class FlakyProxy:
