@@ -24,6 +24,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from pipeline.commits import read_commits, read_current
 from tests.audio import encode, signal as make_signal
 from tests.s3 import MotoS3, free_port
+from tests.test_job_submit import submit_job
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -120,13 +121,7 @@ def test_job_survives_losing_a_worker_node(cluster, checkpoints, monkeypatch):
                   "--ast-model", checkpoints["ast"], "--clap-model", checkpoints["clap"], "--run-id", RUN,
                   "--precision", "fp32", "--batch-size", "2", "--rows-per-file", "2", "--flush-every", "0.5",
                   "--stall-timeout", "300"]
-        deadline = time.time() + 120
-        while True:  # the head answers before its job agent has registered
-            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-            if done.returncode == 0 or "No available agent" not in done.stderr or time.time() > deadline:
-                break
-            time.sleep(2)
-        assert done.returncode == 0, done.stderr[-3000:]
+        submit_job(submit, env)
 
         client = JobSubmissionClient(address)
         (cpu_node,) = [n["node_id"] for n in _alive(address) if n["resources_total"].get("CPU") == 2]
