@@ -1,6 +1,7 @@
-"""Stage 6, aggregation on the driver: window rows (after both models) -> segments and clips rows.
+"""Stage 6, aggregation: window rows (after both models) -> segments and clips rows.
 
-Streaming: a file's state lives only until all its windows have arrived, so memory is bounded by
+Runs on the workers, over each batch leaving the models (pipeline/sink.py), and on the driver for the
+windows of files that were split across batches. Streaming: a file's state lives only until all its windows have arrived, so memory is bounded by
 the files in flight, not the corpus. A file is complete when it has a window for every
 segment_index in 0..num_segments-1; a window that arrives twice (a retried task) is dropped, never
 counted or written again. Per file, scores are the max over windows, the AST embedding is
@@ -97,6 +98,10 @@ class ClipAggregator:
     def pending(self) -> int:
         """Files with windows still outstanding."""
         return len(self._partial)
+
+    def pending_ids(self) -> list[str]:
+        """clip_ids of the files with windows still outstanding."""
+        return list(self._partial)
 
     def _accumulate(self, meta: dict, index: int, scores, ast, clap) -> dict | None:
         p = self._partial.get(meta["clip_id"])

@@ -1,7 +1,7 @@
-"""The tagging job: list -> featurize (CPU tasks) -> AST actors -> CLAP actors -> aggregate -> Parquet.
+"""The tagging job: list -> featurize (CPU tasks) -> AST actors -> CLAP actors -> aggregate + write (tasks).
 
-`build_dataset` is the Ray Data chain; `run_tag_job` lists inputs, runs the chain, streams its output
-through the aggregator into the writers on the driver, and writes the run summary.
+`build_dataset` is the Ray Data chain; `run_tag_job` lists inputs, runs the chain, collects the part files
+the workers wrote (and finishes the few files split across their batches), commits, and writes the summary.
 """
 
 from __future__ import annotations
@@ -23,21 +23,21 @@ from ray.data.exceptions import ExecutionTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import pipeline
-from pipeline.aggregate import ClipAggregator, ZeroShot, clips_table
+from pipeline.aggregate import ZeroShot
 from pipeline.commits import IDENTITY, commit, done_files, orphan_parts
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
 from pipeline.device import resolve_precision
 from pipeline.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.features_ast import AstFbankConfig
 from pipeline.features_clap import ClapMelConfig
-from pipeline.decode import LONG_FILE
 from pipeline.featurize import Featurize, FeaturizeConfig, task_memory_bytes
 from pipeline.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
 from pipeline.sources import FILE_SCHEMA, ListingConfig, list_inputs
 from pipeline.summary import RunSummary
 from pipeline.tagger import AstTagger, TaggerConfig
 from pipeline.windows import WindowConfig
-from pipeline.writer import PartWriter, RunWriters, check_writable
+from pipeline.sink import Collector, SinkConfig, WriteResults
+from pipeline.writer import check_writable
 from schemas import SCHEMA_VERSION, clips_schema, segments_schema
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,9 @@ def lanes(cfg: TagJobConfig, featurize: FeaturizeConfig) -> tuple[Lane, Lane]:
 
 
 def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batch_size: int,
-                  lane: Lane | None = None) -> ray.data.Dataset:
-    """The pipeline as one Ray Data chain over a table of input files."""
+                  lane: Lane | None = None, sink: SinkConfig | None = None, sink_batch: int = 256) -> ray.data.Dataset:
+    """The pipeline as one Ray Data chain over a table of input files: window rows with model outputs, or
+    with `sink`, one SINK_SCHEMA row per batch of `sink_batch` windows the workers aggregated and wrote."""
     # Files per featurize task: each task costs Ray scheduling, a fresh unpickled stage and a memory
     # poll thread; ~8 tasks per CPU still balances the tail. At most 16 (tasks stream their blocks).
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
@@ -136,7 +137,7 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
     memory = {"memory": lane.memory} if lane else {}
     # model actors stay on this node while it lives (a plan whose fractional shares fit only together)
     pinned = {"scheduling_strategy": NodeAffinitySchedulingStrategy(plan.node, soft=True)} if plan.node else {}
-    return (
+    dataset = (
         ray.data.from_arrow(blocks)
         # tasks, spread over the nodes (Ray Data's default scheduling strategy)
         .map_batches(Featurize(stages.featurize, lane.max_s if lane else None), batch_format="pyarrow",
@@ -150,6 +151,11 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
                      batch_size=batch_size, num_cpus=plan.clap_cpus, num_gpus=plan.gpus_per_actor,
                      compute=ray.data.ActorPoolStrategy(size=plan.clap_actors), runtime_env=MODEL_ENV, **pinned)
     )
+    if sink is None:
+        return dataset
+    # short tasks (aggregate ~7 KB per window, write two zstd Parquet parts); their own remote args keep
+    # them out of the CLAP actors, whose next batch they would otherwise delay
+    return dataset.map_batches(WriteResults(sink), batch_format="pyarrow", batch_size=sink_batch, num_cpus=0.25)
 
 
 # OpenMP threads of idle model actors sleep instead of spinning: with spinning, a tiny model at 2 threads
@@ -202,7 +208,7 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     summary.adopted_parts = sum(len(v) for v in adopted.values())
     if not len(files):
         log.info("nothing new to process: all %d listed files are unchanged since a committed run", len(listed))
-    written = _tag(files, cfg, stages, plan, metadata, summary).parts() if len(files) else {}
+    written = _tag(files, cfg, stages, plan, metadata, summary) if len(files) else {}
     parts = {t: adopted[t] + written.get(t, []) for t in adopted}
     commit(cfg.output, cfg.run_id, metadata["settings_hash"], parts)
     summary.finish()
@@ -215,43 +221,39 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
 
 
 def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: dict,
-         summary: RunSummary) -> RunWriters:
-    """Run the dataset over `files`, aggregate on the fly and write part files; returns the writers."""
+         summary: RunSummary) -> dict[str, list[str]]:
+    """Run the dataset over `files`; returns the part files written, by table.
+
+    The workers aggregate and write the windows of every file that is whole in a batch (pipeline/sink.py);
+    the driver only collects their part lists and summary counts, and aggregates the rare files whose
+    windows were split across batches, writing those itself."""
     names = label_names(cfg.ast_model)
     dims = (len(names), _hidden(cfg.ast_model), _projection(cfg.clap_model))
-    out = RunWriters(
-        segments=PartWriter(cfg.output, "segments", cfg.run_id, segments_schema(*dims), metadata, cfg.rows_per_file),
-        clips=PartWriter(cfg.output, "clips", cfg.run_id, clips_schema(*dims), metadata, cfg.rows_per_file))
-    aggregator = ClipAggregator(names, cfg.top_k, cfg.run_id, _zero_shot(cfg))
+    sink = SinkConfig(cfg.output, cfg.run_id, tuple(names), cfg.top_k, segments_schema(*dims), clips_schema(*dims),
+                      json.dumps(metadata, sort_keys=True), _zero_shot(cfg))
+    collector = Collector(sink, summary, cfg.rows_per_file)
     last_flush = time.monotonic()
     short, long = lanes(cfg, stages.featurize)
     log.info("featurize tasks reserve %.2f GB for files up to %g s; longer files run afterwards, "
              "reserving %.2f GB each", short.memory / 1e9, short.max_s, long.memory / 1e9)
+    batch_size = cfg.batch_size or plan.batch_size
     todo = files
     for lane in (short, long):
-        handed_back = []
-        dataset = build_dataset(todo, stages, plan, cfg.batch_size or plan.batch_size, lane)
+        dataset = build_dataset(todo, stages, plan, batch_size, lane, sink, min(cfg.rows_per_file, 8 * batch_size))
         for batch in _stream(dataset, cfg.stall_timeout_s, plan):
-            batch, longer = _split_long(batch)
-            if longer is not None:
-                handed_back.append(longer)
-            segments, clips = aggregator.add(batch)
-            out.write(segments, clips_table(clips, out.clips.schema) if clips else None)
-            for clip in clips:
-                summary.count(clip)
+            collector.add(batch)
             if time.monotonic() - last_flush > cfg.flush_every_s:
-                out.flush()
+                collector.flush()
                 last_flush = time.monotonic()
-        if not handed_back:
+        if not collector.handed_back:
             break
-        todo = pa.concat_tables(handed_back)
+        todo = _files(pa.concat_tables(collector.handed_back))
+        collector.handed_back = []
         log.info("%d files are longer than %g s: featurizing them in the long-file lane", len(todo), short.max_s)
-    if aggregator.pending:
-        raise RuntimeError(f"{aggregator.pending} files never received all their windows")
-    out.flush()
-    if out.clips.rows_written != len(files):
-        raise RuntimeError(f"wrote {out.clips.rows_written} clip rows for {len(files)} input files")
-    return out
+    parts = collector.finish()
+    if collector.clip_rows != len(files):
+        raise RuntimeError(f"wrote {collector.clip_rows} clip rows for {len(files)} input files")
+    return parts
 
 
 def _stream(dataset: ray.data.Dataset, stall_timeout_s: float, plan: ResourcePlan):
@@ -271,14 +273,10 @@ def _describe_nodes() -> str:
     return "; ".join(f"{n['node_id'][:12]} CPU {n.get('CPU', 0):g} GPU {n.get('GPU', 0):g}" for n in node_shapes())
 
 
-def _split_long(batch: pa.Table) -> tuple[pa.Table, pa.Table | None]:
-    """(rows to aggregate, FILE_SCHEMA rows of the files the lane handed back as too long for it)."""
-    longer = pc.fill_null(pc.equal(batch.column("error"), LONG_FILE), False)
-    if not pc.any(longer).as_py():
-        return batch, None
-    files = batch.filter(longer).select([n for n in FILE_SCHEMA.names if n != "listing_error"])
-    files = files.append_column("listing_error", pa.nulls(len(files), pa.string()))
-    return batch.filter(pc.invert(longer)), files
+def _files(handed_back: pa.Table) -> pa.Table:
+    """FILE_SCHEMA rows of the files a lane handed back as too long for it."""
+    files = handed_back.select([n for n in FILE_SCHEMA.names if n != "listing_error"])
+    return files.append_column("listing_error", pa.nulls(len(files), pa.string()))
 
 
 def _zero_shot(cfg: TagJobConfig) -> ZeroShot | None:

@@ -47,6 +47,19 @@ class RunSummary:
             self.transient += is_transient(clip["error"])
             self.errors_by_reason[clip["error"].split(" (", 1)[0]] += 1
 
+    def counts(self) -> dict:
+        """The counts `count` keeps, for `merge` (the sink counts on the workers)."""
+        return {"ok": self.ok, "error": self.error, "transient": self.transient, "segments": self.segments,
+                "audio_seconds": self.audio_seconds, "errors_by_reason": dict(self.errors_by_reason),
+                "warnings_by_reason": dict(self.warnings_by_reason)}
+
+    def merge(self, counts: dict) -> None:
+        """Add counts made elsewhere (`counts()` of another summary)."""
+        for name in ("ok", "error", "transient", "segments", "audio_seconds"):
+            setattr(self, name, getattr(self, name) + counts[name])
+        self.errors_by_reason.update(counts["errors_by_reason"])
+        self.warnings_by_reason.update(counts["warnings_by_reason"])
+
     def failure(self) -> str | None:
         """Why this run counts as failed (exit status 1), or None. Every file keeps its row either way."""
         processed = self.files_seen - self.skipped_unchanged

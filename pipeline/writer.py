@@ -55,12 +55,13 @@ class PartWriter:
         """The buffer holds a part file's worth of rows."""
         return self._buffered >= self.rows_per_file
 
-    def flush(self) -> None:
+    def flush(self, name: str | None = None) -> None:
+        """Write the buffered rows as one part file, named `name`.parquet (default part-NNNNN)."""
         if not self._buffered:
             return
         table = pa.concat_tables(self._buffer).replace_schema_metadata(self.schema.metadata)
         validate_table(table, self.schema)
-        name = f"part-{len(self.files):05d}.parquet"
+        name = f"{name or f'part-{len(self.files):05d}'}.parquet"
         final, temp = f"{self.directory}/{name}", f"{self.directory}/_tmp-{name}"
         try:
             self.fs.makedirs(self.directory, exist_ok=True)
