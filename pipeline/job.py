@@ -24,7 +24,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import pipeline
 from pipeline.aggregate import ZeroShot
-from pipeline.commits import IDENTITY, commit, done_files, orphan_parts
+from pipeline.commits import IDENTITY, commit, committed_identity, not_transient, orphan_parts, parts_identity
+from pipeline.delta import publish
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
 from pipeline.device import resolve_precision
 from pipeline.embedder import ClapEmbedder, EmbedderConfig
@@ -203,13 +204,20 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     _warn_untrained(metadata)
     listed = list_inputs(ListingConfig(cfg.input))
     adopted = orphan_parts(cfg.output, metadata["settings_hash"])
-    files = _new_or_changed(listed, done_files(cfg.output, metadata["settings_hash"], adopted["clips"]))
+    current, adopted_rows = committed_identity(cfg.output, metadata["settings_hash"]), parts_identity(cfg.output, adopted["clips"])
+    files = _new_or_changed(listed, not_transient(_concat(current, adopted_rows)))
     summary.files_seen, summary.skipped_unchanged = len(listed), len(listed) - len(files)
     summary.adopted_parts = sum(len(v) for v in adopted.values())
     if not len(files):
         log.info("nothing new to process: all %d listed files are unchanged since a committed run", len(listed))
     written = _tag(files, cfg, stages, plan, metadata, summary) if len(files) else {}
     parts = {t: adopted[t] + written.get(t, []) for t in adopted}
+    # rows of these clips that the current table already holds are replaced in the same Delta commit
+    reprocessed = pa.chunked_array([files.column("clip_id")] + ([adopted_rows.column("clip_id")] if adopted_rows else []),
+                                   pa.string())
+    if current is not None:
+        reprocessed = pc.filter(reprocessed, pc.is_in(reprocessed, value_set=current.column("clip_id")))
+    publish(cfg.output, cfg.run_id, metadata["settings_hash"], parts, table_schemas(cfg), reprocessed.combine_chunks())
     commit(cfg.output, cfg.run_id, metadata["settings_hash"], parts)
     summary.finish()
     summary.log()
@@ -227,10 +235,9 @@ def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: Resource
     The workers aggregate and write the windows of every file that is whole in a batch (pipeline/sink.py);
     the driver only collects their part lists and summary counts, and aggregates the rare files whose
     windows were split across batches, writing those itself."""
-    names = label_names(cfg.ast_model)
-    dims = (len(names), _hidden(cfg.ast_model), _projection(cfg.clap_model))
-    sink = SinkConfig(cfg.output, cfg.run_id, tuple(names), cfg.top_k, segments_schema(*dims), clips_schema(*dims),
-                      json.dumps(metadata, sort_keys=True), _zero_shot(cfg))
+    schemas = table_schemas(cfg)
+    sink = SinkConfig(cfg.output, cfg.run_id, tuple(label_names(cfg.ast_model)), cfg.top_k, schemas["segments"],
+                      schemas["clips"], json.dumps(metadata, sort_keys=True), _zero_shot(cfg))
     collector = Collector(sink, summary, cfg.rows_per_file)
     last_flush = time.monotonic()
     short, long = lanes(cfg, stages.featurize)
@@ -287,6 +294,17 @@ def _zero_shot(cfg: TagJobConfig) -> ZeroShot | None:
     encoder = TextEncoder(cfg.clap_model)
     texts = [cfg.zero_shot_prompt.format(label=label) for label in cfg.zero_shot_labels]
     return ZeroShot(tuple(cfg.zero_shot_labels), encoder(texts), encoder.logit_scale)
+
+
+def table_schemas(cfg: TagJobConfig) -> dict[str, pa.Schema]:
+    """The clips and segments schemas for these checkpoints' label count and embedding widths."""
+    dims = (len(label_names(cfg.ast_model)), _hidden(cfg.ast_model), _projection(cfg.clap_model))
+    return {"segments": segments_schema(*dims), "clips": clips_schema(*dims)}
+
+
+def _concat(*tables: pa.Table | None) -> pa.Table | None:
+    present = [t for t in tables if t is not None]
+    return pa.concat_tables(present) if present else None
 
 
 def _new_or_changed(listed: pa.Table, done: pa.Table | None) -> pa.Table:

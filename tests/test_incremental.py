@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 
 from pipeline.commits import read_commits, read_current
 from pipeline.job import TagJobConfig, run_tag_job
@@ -68,9 +69,16 @@ def test_rerun_skips_unchanged_and_processes_new_and_changed(job):
     assert set(segments.clip_id) == set(current.clip_id)
     assert (segments.groupby("clip_id").size() == current.set_index("clip_id").num_segments).all()
 
-    sql = duckdb_current_sql(out)
-    rows = duckdb.sql(sql).fetchall()
+    # a plain Delta reader (no code of ours) sees the same current table: one row per clip
+    plain = DeltaTable(str(out / "clips")).to_pandas()
+    assert sorted(zip(plain.clip_id, plain.run_id)) == sorted(zip(current.clip_id, current.run_id))
+    plain_segments = DeltaTable(str(out / "segments")).to_pandas()
+    assert sorted(zip(plain_segments.clip_id, plain_segments.segment_index)) == sorted(
+        zip(segments.clip_id, segments.segment_index))
+    rows = duckdb_current(out)
     assert sorted((r[0], r[1]) for r in rows) == sorted(zip(current.clip_id, current.run_id))
+    width = len(current.clap_embedding.iloc[0])
+    assert duckdb.sql(f"SELECT clap_embedding::FLOAT[{width}] AS e FROM plain LIMIT 1").fetchall()
 
 
 def test_changing_a_setting_reprocesses_everything(job):
@@ -82,15 +90,20 @@ def test_changing_a_setting_reprocesses_everything(job):
     assert changed["processed"] == 2 and changed["skipped_unchanged"] == 0
     current = read_current(str(out)).to_pandas()
     assert set(current.run_id) == {"h5"} and set(current.num_segments) == {2}
+    assert set(DeltaTable(str(out / "clips")).to_pandas().run_id) == {"h5"}, "a plain reader sees one settings"
+    assert set(DeltaTable(str(out / "segments")).to_pandas().run_id) == {"h5"}
     old = read_commits(str(out))[0]["settings_hash"]
     assert set(read_current(str(out), settings_hash=old).to_pandas().run_id) == {"h10"}
 
 
-def duckdb_current_sql(out: Path) -> str:
-    """The README's DuckDB query for the current clips table (kept in one place: README.md)."""
+def duckdb_current(out: Path) -> list[tuple]:
+    """The README's DuckDB query for the current clips table (kept in one place: README.md). DuckDB's
+    delta extension cannot be downloaded here, so `delta_scan('OUTPUT/clips')` reads the same Delta
+    table through the deltalake package's Arrow dataset (the files its log names)."""
     text = (REPO / "README.md").read_text()
     sql = text.split("```sql current-clips\n", 1)[1].split("```", 1)[0]
-    return sql.replace("OUTPUT", str(out))
+    current_clips = DeltaTable(str(out / "clips")).to_pyarrow_dataset()  # noqa: F841 (DuckDB reads it by name)
+    return duckdb.sql(sql.replace("delta_scan('OUTPUT/clips')", "current_clips")).fetchall()
 
 
 def _tag_process(corpus: Path, out: Path, checkpoints: dict, run_id: str, *args: str,
@@ -226,9 +239,12 @@ def test_another_precision_reprocesses_and_is_never_mixed_in(job):
 def test_crashed_and_out_of_memory_decodes_are_retried_next_run(tmp_path):
     """A decoder killed by the kernel's OOM killer looks like a crash: neither is final for a file."""
     from pipeline.aggregate import clips_table
-    from pipeline.commits import commit, done_files
+    import pyarrow as pa
+
+    from pipeline.commits import done_files
+    from pipeline.delta import publish
     from pipeline.writer import PartWriter
-    from schemas import clips_schema
+    from schemas import clips_schema, segments_schema
 
     errors = {"a": "decoder crashed (decoder process killed by SIGKILL)",
               "b": "out of memory decoding file (12 bytes in)",
@@ -240,7 +256,8 @@ def test_crashed_and_out_of_memory_decodes_are_retried_next_run(tmp_path):
     writer = PartWriter(str(tmp_path), "clips", "r", schema, {"settings_hash": "h"})
     writer.write(clips_table(rows, writer.schema))
     writer.flush()
-    commit(str(tmp_path), "r", "h", {"clips": writer.files})
+    publish(str(tmp_path), "r", "h", {"clips": writer.files}, {"clips": schema, "segments": segments_schema(3, 4, 2)},
+            pa.array([], pa.string()))
     assert done_files(str(tmp_path), "h").column("clip_id").to_pylist() == ["d"]
 
 
