@@ -160,11 +160,13 @@ def read_current(output: str, table: str = "clips", settings_hash: str | None = 
     """
     dt = delta.open_table(output, "clips")
     if dt is not None and settings_hash in (None, delta.table_settings(dt)):
-        rows = delta.read_table(output, table, columns)
+        keys = ["clip_id"] + (["segment_index"] if table == "segments" else [])
+        read = None if columns is None else list(columns) + [k for k in keys if k not in columns]
+        rows = delta.read_table(output, table, read)
         if rows is None:
             raise LookupError(f"no current {table} rows under {output}")
-        order = [("clip_id", "ascending")] + ([("segment_index", "ascending")] if table == "segments" else [])
-        return rows.sort_by(order) if columns is None or "clip_id" in columns else rows
+        rows = rows.sort_by([(k, "ascending") for k in keys])
+        return rows if columns is None else rows.select(columns)
     commits = read_commits(output)
     if not commits:
         raise FileNotFoundError(f"no committed runs under {output}")
