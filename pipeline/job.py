@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import pipeline
 from pipeline.aggregate import ClipAggregator, ZeroShot, clips_table
-from pipeline.commits import IDENTITY, commit, done_files, orphan_parts
+from pipeline.commits import commit, done_files, orphan_parts
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
 from pipeline.device import resolve_precision
 from pipeline.embedder import ClapEmbedder, EmbedderConfig
@@ -33,6 +33,7 @@ from pipeline.features_clap import ClapMelConfig
 from pipeline.decode import LONG_FILE
 from pipeline.featurize import Featurize, FeaturizeConfig, task_memory_bytes
 from pipeline.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
+from pipeline.skip import DoneSet
 from pipeline.sources import FILE_SCHEMA, ListingConfig, list_inputs
 from pipeline.summary import RunSummary
 from pipeline.tagger import AstTagger, TaggerConfig
@@ -292,19 +293,11 @@ def _zero_shot(cfg: TagJobConfig) -> ZeroShot | None:
 
 
 def _new_or_changed(listed: pa.Table, done: pa.Table | None) -> pa.Table:
-    """Listed files whose (clip_id, size, modified, etag) is not among the done ones: an anti-join in
-    Arrow on one composite key (a C++ hash set, no Python object per row); a null matches a null."""
+    """Listed files whose (clip_id, size, modified, etag) is not among the done ones: an anti-join on
+    128-bit hashes of the identity (skip.DoneSet, no Python object per done row); a null matches a null."""
     if done is None or not len(listed):
         return listed
-    return listed.filter(pc.invert(pc.is_in(_identity_key(listed), value_set=_identity_key(done))))
-
-
-def _identity_key(table: pa.Table) -> pa.Array:
-    """IDENTITY columns joined into one string per row; a null becomes a marker no value contains, so
-    a file without an etag (local files) still matches its own done row."""
-    columns = [pc.cast(table.column(c), pa.string()) for c in IDENTITY]
-    key = pc.binary_join_element_wise(*columns, "\x1f", null_handling="replace", null_replacement="\x00")
-    return key.combine_chunks() if isinstance(key, pa.ChunkedArray) else key
+    return DoneSet(done).new_or_changed(listed)
 
 
 def _warn_untrained(metadata: dict) -> None:
