@@ -21,6 +21,7 @@ import fsspec
 import fsspec.asyn
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -243,21 +244,35 @@ def iter_manifest(manifest: str, chunk_rows: int = 100_000, threads: int = 32) -
             hi, lo = split_digests(b"".join(d[:16] for d in first.digests))
             new = np.flatnonzero(~seen.contains(hi, lo))
             seen.add(hi[new], lo[new])
-            given = {c: table.column(c).to_pylist() for c in ("size_bytes", "modified", "etag")
-                     if c in table.column_names}
-            if given.keys() >= {"size_bytes", "modified"}:
-                etags = given.get("etag", [None] * len(table))
-                rows = [{"clip_id": first.digests[k].hex()[:20], "uri": first.uris[k],
-                         "size_bytes": given["size_bytes"][i], "modified": _modified({"mtime": given["modified"][i]}),
-                         "etag": etags[i]} for k, i in zip(new, (first.positions[k] for k in new))]
+            if {"size_bytes", "modified"} <= set(table.column_names):
+                rows = _given_rows(table, first, new)
             else:
-                rows = list(pool.map(_stat, [first.uris[k] for k in new]))
+                rows = pa.Table.from_pylist(list(pool.map(_stat, [first.uris[k] for k in new])), schema=FILE_SCHEMA)
             listed += len(rows)
-            if rows:
-                yield pa.Table.from_pylist(rows, schema=FILE_SCHEMA)
+            if len(rows):
+                yield rows
     if named > listed:
         log.warning("manifest %s names %d URIs more than once: each file is processed once", manifest, named - listed)
     log.info("manifest %s lists %d files", manifest, listed)
+
+
+def _given_rows(table: pa.Table, first: _FirstInChunk, new: np.ndarray) -> pa.Table:
+    """FILE_SCHEMA rows of the `new` first occurrences, with the sizes, times and etags the manifest
+    gives (column by column: no Python object per value unless the times need converting)."""
+    picked = table.take(pa.array(np.asarray(first.positions, dtype=np.int64)[new]))
+    modified = picked.column("modified")
+    if pa.types.is_string(modified.type) or pa.types.is_large_string(modified.type):
+        modified = pc.if_else(pc.equal(modified, ""), pa.scalar(None, pa.string()), pc.cast(modified, pa.string()))
+    else:  # timestamps or epoch seconds
+        modified = pa.array([_modified({"mtime": v}) for v in modified.to_pylist()], pa.string())
+    n = len(picked)
+    return pa.table({
+        "clip_id": pa.array([first.digests[k].hex()[:20] for k in new], pa.string()),
+        "uri": pa.array([first.uris[k] for k in new], pa.string()),
+        "size_bytes": pc.cast(picked.column("size_bytes"), pa.int64()),
+        "modified": modified,
+        "etag": pc.cast(picked.column("etag"), pa.string()) if "etag" in picked.column_names else pa.nulls(n, pa.string()),
+        "listing_error": pa.nulls(n, pa.string())}, schema=FILE_SCHEMA)
 
 
 @dataclass

@@ -175,3 +175,17 @@ def test_a_directory_that_cannot_be_listed_becomes_a_row_with_the_reason(tmp_pat
     found = list(walk_files(fsspec.filesystem("file"), str(tmp_path), keep))
     assert [(p.rsplit("/", 1)[-1], i.get("listing_error")) for p, i in found] == [
         ("a.wav", None), ("b", "directory could not be listed (FileNotFoundError)"), ("d.wav", None)]
+
+
+def test_manifest_times_are_kept_as_text_or_converted_to_utc_iso(tmp_path):
+    import datetime as dt
+
+    when = dt.datetime(2026, 3, 4, 5, 6, 7, tzinfo=dt.timezone.utc)
+    pq.write_table(pa.table({"uri": ["/a.wav", "/b.wav"], "size_bytes": pa.array([1, 2], pa.int32()),
+                             "modified": pa.array([when, None], pa.timestamp("ms", tz="UTC"))}), tmp_path / "t.parquet")
+    files = _chunks(ListingConfig(str(tmp_path / "t.parquet")), 1)
+    assert [(f["size_bytes"], f["modified"], f["etag"]) for f in files] == [
+        (1, "2026-03-04T05:06:07+00:00", None), (2, None, None)]
+    (tmp_path / "t.csv").write_text("uri,size_bytes,modified\n/a.wav,1,2026-03-04\n/b.wav,,\n")
+    assert [(f["size_bytes"], f["modified"]) for f in _chunks(ListingConfig(str(tmp_path / "t.csv")))] == [
+        (1, "2026-03-04"), (None, None)]
