@@ -57,7 +57,7 @@ def identity_hashes(table: pa.Table | pa.RecordBatch, slice_rows: int = 65_536) 
     digests = bytearray()
     for start in range(0, len(table), slice_rows):
         key = identity_key(table.slice(start, slice_rows))
-        digests += b"".join(hashlib.blake2b(k.encode("utf-8"), digest_size=16).digest() for k in key.to_pylist())
+        digests += b"".join(hashlib.blake2b(k, digest_size=16).digest() for k in key.cast(pa.binary()).to_pylist())
     return split_digests(bytes(digests))
 
 

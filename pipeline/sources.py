@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.keyset import KeySet, split_digests
+from pipeline.keyset import KeySet
 
 log = logging.getLogger(__name__)
 
@@ -239,15 +239,16 @@ def iter_manifest(manifest: str, chunk_rows: int = 100_000, threads: int = 32) -
     seen, listed, named = KeySet(), 0, 0
     with ThreadPoolExecutor(threads) as pool:
         for table in _manifest_chunks(manifest, chunk_rows):
-            first = _first_in_chunk(table.column("uri").to_pylist())
+            first = _first_in_chunk(table.column("uri"))
             named += first.named
-            hi, lo = split_digests(b"".join(d[:16] for d in first.digests))
-            new = np.flatnonzero(~seen.contains(hi, lo))
-            seen.add(hi[new], lo[new])
+            keys = np.ascontiguousarray(first.digests[:, :16]).view("<u8")
+            new = np.flatnonzero(~seen.contains(keys[:, 0], keys[:, 1]))
+            seen.add(keys[new, 0], keys[new, 1])
             if {"size_bytes", "modified"} <= set(table.column_names):
                 rows = _given_rows(table, first, new)
             else:
-                rows = pa.Table.from_pylist(list(pool.map(_stat, [first.uris[k] for k in new])), schema=FILE_SCHEMA)
+                uris = first.uris.take(pa.array(new)).to_pylist()
+                rows = pa.Table.from_pylist(list(pool.map(_stat, uris)), schema=FILE_SCHEMA)
             listed += len(rows)
             if len(rows):
                 yield rows
@@ -256,10 +257,30 @@ def iter_manifest(manifest: str, chunk_rows: int = 100_000, threads: int = 32) -
     log.info("manifest %s lists %d files", manifest, listed)
 
 
+@dataclass(frozen=True)
+class _FirstInChunk:
+    named: int              # non-empty URIs in the chunk
+    positions: np.ndarray   # rows of the first occurrence of each URI, in order
+    uris: pa.Array          # those URIs, stripped
+    digests: np.ndarray     # (n, 32) uint8: SHA-256 of each URI (clip_id is its first 80 bits, in hex)
+
+
+def _first_in_chunk(column: pa.ChunkedArray) -> _FirstInChunk:
+    """The first occurrence of each non-empty URI (stripped of white space) in one chunk, in order."""
+    uris = pc.utf8_trim_whitespace(column)
+    nonempty = pc.fill_null(pc.greater(pc.utf8_length(uris), 0), False)
+    rows = pa.table({"uri": uris, "row": pa.array(np.arange(len(uris), dtype=np.int64))}).filter(nonempty)
+    positions = np.sort(rows.group_by("uri", use_threads=False).aggregate([("row", "min")])
+                        .column("row_min").to_numpy())
+    uris = uris.take(pa.array(positions)).combine_chunks() if len(uris) else pa.array([], pa.string())
+    digests = b"".join(hashlib.sha256(u).digest() for u in uris.cast(pa.binary()).to_pylist())
+    return _FirstInChunk(len(rows), positions, uris, np.frombuffer(digests, dtype=np.uint8).reshape(-1, 32))
+
+
 def _given_rows(table: pa.Table, first: _FirstInChunk, new: np.ndarray) -> pa.Table:
     """FILE_SCHEMA rows of the `new` first occurrences, with the sizes, times and etags the manifest
     gives (column by column: no Python object per value unless the times need converting)."""
-    picked = table.take(pa.array(np.asarray(first.positions, dtype=np.int64)[new]))
+    picked = table.take(pa.array(first.positions[new]))
     modified = picked.column("modified")
     if pa.types.is_string(modified.type) or pa.types.is_large_string(modified.type):
         modified = pc.if_else(pc.equal(modified, ""), pa.scalar(None, pa.string()), pc.cast(modified, pa.string()))
@@ -267,36 +288,24 @@ def _given_rows(table: pa.Table, first: _FirstInChunk, new: np.ndarray) -> pa.Ta
         modified = pa.array([_modified({"mtime": v}) for v in modified.to_pylist()], pa.string())
     n = len(picked)
     return pa.table({
-        "clip_id": pa.array([first.digests[k].hex()[:20] for k in new], pa.string()),
-        "uri": pa.array([first.uris[k] for k in new], pa.string()),
+        "clip_id": _hex_ids(first.digests[new]),
+        "uri": first.uris.take(pa.array(new)),
         "size_bytes": pc.cast(picked.column("size_bytes"), pa.int64()),
         "modified": modified,
         "etag": pc.cast(picked.column("etag"), pa.string()) if "etag" in picked.column_names else pa.nulls(n, pa.string()),
         "listing_error": pa.nulls(n, pa.string())}, schema=FILE_SCHEMA)
 
 
-@dataclass
-class _FirstInChunk:
-    named: int = 0  # non-empty URIs in the chunk
-    positions: list[int] = field(default_factory=list)  # rows of the first occurrence of each URI
-    uris: list[str] = field(default_factory=list)
-    digests: list[bytes] = field(default_factory=list)  # SHA-256 of each URI (clip_id is its first 80 bits)
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
-def _first_in_chunk(values: list[str | None]) -> _FirstInChunk:
-    """The first occurrence of each non-empty URI (stripped) in one chunk, in order."""
-    first, seen = _FirstInChunk(), set()
-    for i, value in enumerate(values):
-        uri = value.strip() if value else ""
-        if not uri:
-            continue
-        first.named += 1
-        if uri not in seen:
-            seen.add(uri)
-            first.positions.append(i)
-            first.uris.append(uri)
-            first.digests.append(hashlib.sha256(uri.encode("utf-8")).digest())
-    return first
+def _hex_ids(digests: np.ndarray) -> pa.Array:
+    """clip_id_for of each URI from its SHA-256 digest: the first 10 bytes in lower-case hex."""
+    head = digests[:, :10]
+    text = np.empty((len(head), 20), dtype=np.uint8)
+    text[:, 0::2], text[:, 1::2] = _HEX[head >> 4], _HEX[head & 15]
+    offsets = np.arange(0, 20 * len(head) + 1, 20, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(head), pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))
 
 
 def _manifest_chunks(manifest: str, chunk_rows: int) -> Iterator[pa.Table]:
