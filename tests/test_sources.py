@@ -100,6 +100,7 @@ def test_csv_and_parquet_manifests_are_read_in_chunks_and_repeats_across_chunks_
     rows = [{"uri": paths[i], "size_bytes": 100 + i, "modified": f"2026-01-0{1 + i % 9}", "etag": f"e{i}"}
             for i in order]
     rows.insert(5, {"uri": "   ", "size_bytes": 1, "modified": "x", "etag": None})  # a blank URI is no file
+    rows[7]["uri"] = f" {rows[7]['uri']}  "  # white space around a URI is not part of it
     pacsv.write_csv(pa.Table.from_pylist(rows), tmp_path / "m.csv")
     pq.write_table(pa.Table.from_pylist(rows).rename_columns(["path", "size_bytes", "modified", "etag"]),
                    tmp_path / "m.parquet", row_group_size=2)
@@ -107,6 +108,7 @@ def test_csv_and_parquet_manifests_are_read_in_chunks_and_repeats_across_chunks_
     for name in ("m.csv", "m.parquet"):
         files = _chunks(ListingConfig(str(tmp_path / name)))
         assert [(f["uri"], f["size_bytes"], f["modified"], f["etag"]) for f in files] == expected, name
+        assert [f["clip_id"] for f in files] == [clip_id_for(p) for p in paths]
         assert files == list_inputs(ListingConfig(str(tmp_path / name))).to_pylist()
 
 
