@@ -16,8 +16,10 @@ The old path grows with N (~1-2 KB per row); it runs at `--old-rows` (default mi
 extrapolated linearly to N, which the table says. The .txt manifest makes every row a `stat` of a
 (missing) local file, so it runs at `--txt-rows`.
 
-Usage: python -m benchmarks.listing [--rows 200000] [--old-rows N] [--txt-rows N] [--chunk-rows 100000]
+Usage: python -m benchmarks.listing [--rows 100000] [--old-rows N] [--txt-rows N] [--chunk-rows 100000]
        [--out benchmarks/results/listing.json]
+The issue's size (~10-15 min on 2 shared cores; ~1.5 GB of temporary files):
+       python -m benchmarks.listing --rows 10000000 --txt-rows 200000 --out benchmarks/results/listing_10m.json
 """
 
 from __future__ import annotations
@@ -169,9 +171,9 @@ def cpu_model() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=200_000, help="manifest rows (the done table has half)")
+    p.add_argument("--rows", type=int, default=100_000, help="manifest rows (the done table has half)")
     p.add_argument("--old-rows", type=int, help="rows for the old path (default min(rows, 1M)); extrapolated")
-    p.add_argument("--txt-rows", type=int, help="rows of the .txt manifest (each one a stat; default min(rows, 200k))")
+    p.add_argument("--txt-rows", type=int, help="rows of the .txt manifest (each one a stat; default min(rows, 20k))")
     p.add_argument("--chunk-rows", type=int, default=100_000)
     p.add_argument("--out", default="benchmarks/results/listing.json")
     p.add_argument("--worker", choices=["old", "new"], help=argparse.SUPPRESS)
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
         return 0
     logging.basicConfig(level="INFO", format="%(message)s")
     old_rows = min(args.rows, args.old_rows or 1_000_000)
-    txt_rows = min(args.rows, args.txt_rows or 200_000)
+    txt_rows = min(args.rows, args.txt_rows or 20_000)
     load_start = os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
