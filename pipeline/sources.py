@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import fsspec
 import fsspec.asyn
@@ -287,12 +287,13 @@ def _given_rows(table: pa.Table, first: _FirstInChunk, new: np.ndarray) -> pa.Ta
     else:  # timestamps or epoch seconds
         modified = pa.array([_modified({"mtime": v}) for v in modified.to_pylist()], pa.string())
     n = len(picked)
+    etag = pc.cast(picked.column("etag"), pa.string()) if "etag" in picked.column_names else pa.nulls(n, pa.string())
     return pa.table({
         "clip_id": _hex_ids(first.digests[new]),
         "uri": first.uris.take(pa.array(new)),
         "size_bytes": pc.cast(picked.column("size_bytes"), pa.int64()),
         "modified": modified,
-        "etag": pc.cast(picked.column("etag"), pa.string()) if "etag" in picked.column_names else pa.nulls(n, pa.string()),
+        "etag": etag,
         "listing_error": pa.nulls(n, pa.string())}, schema=FILE_SCHEMA)
 
 
