@@ -9,7 +9,8 @@ one file's windows contiguous and in order. Timed: process CPU time (all threads
 `iter_batches` itself (pulling ~7.3 KB per window from the object store), so the job's real ceiling
 is lower. Two shapes: 1-window files (10 s) and 36-window files (6 min).
 
-(b) Skip check. `pipeline.job._new_or_changed` (Arrow `is_in` on one composite identity key) on N
+(b) Skip check. `pipeline.job._new_or_changed` (Arrow `is_in` on one composite identity key when
+driver.json was measured; since issue 14 it is `skip.DoneSet`, see benchmarks/listing.py) on N
 listed FILE_SCHEMA rows against 0.9 N done rows (IDENTITY columns), against a Python baseline (a set
 of (clip_id, size_bytes, modified, etag) tuples, then a membership mask: the job's code before
 df57bde). Each variant runs in its own subprocess: CPU seconds of the call, and peak RSS growth over

@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "local path or fsspec URI (s3://, gs://, az://, http(s)://)")
     p.add_argument("--output", required=True,
                    help="output root; Parquet parts go to OUTPUT/clips/RUN_ID/ and OUTPUT/segments/RUN_ID/, "
-                        "the commit manifest to OUTPUT/_commits/RUN_ID.json, the summary to OUTPUT/_runs/")
+                        "the Delta tables OUTPUT/clips and OUTPUT/segments, the run manifest to OUTPUT/_commits/RUN_ID.json, the summary to OUTPUT/_runs/")
     p.add_argument("--ast-model", default=DEFAULT_AST, help="AST checkpoint: hub id or local directory")
     p.add_argument("--clap-model", default=DEFAULT_CLAP, help="CLAP checkpoint: hub id or local directory")
     p.add_argument("--top-k", type=int, default=5, help="labels kept per clip and per segment")
@@ -53,7 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "are still written and committed); a run whose processed files all failed for a "
                         "transient reason exits 1 whatever this is")
     p.add_argument("--rows-per-file", type=int, default=20_000,
-                   help="rows per Parquet part file; a full buffer is written at once (segments before clips)")
+                   help="most windows per part file: the workers write a part per batch of min(this, 8 x "
+                        "--batch-size) windows; the driver's own parts (files split across batches) hold this many")
+    p.add_argument("--shard-files", type=int, default=100_000,
+                   help="files per commit: the listing streams and each shard of this many new or changed files "
+                        "is processed and committed to the Delta tables before the next (a kill loses at most "
+                        "the shard in flight, and its written parts are adopted by the rerun)")
     p.add_argument("--long-file-s", type=float, default=1200.0,
                    help="featurize tasks reserve memory for files up to this many seconds; longer files run "
                         "afterwards in a lane whose tasks reserve it for the longest accepted file (6 h)")
@@ -78,7 +83,7 @@ def main(argv=None) -> int:
                        micro_batch=args.micro_batch, hop_s=args.hop, num_gpus=num_gpus, precision=args.precision,
                        ast_actors=args.ast_actors, clap_actors=args.clap_actors,
                        flush_every_s=args.flush_every, max_error_rate=args.max_error_rate,
-                       rows_per_file=args.rows_per_file, long_file_s=args.long_file_s,
+                       rows_per_file=args.rows_per_file, shard_files=args.shard_files, long_file_s=args.long_file_s,
                        stall_timeout_s=args.stall_timeout,
                        zero_shot_prompt=args.zero_shot_prompt, **extra)
     try:

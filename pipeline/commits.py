@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 
 import fsspec
 import numpy as np
@@ -114,13 +115,14 @@ def _read_parts(fs, paths: list[str], columns: list[str] | None = None) -> pa.Ta
     return pa.concat_tables(tables) if tables else None
 
 
-def committed_identity(output: str, settings_hash: str) -> pa.Table | None:
-    """IDENTITY and error columns of the current table's clip rows (the Delta table OUTPUT/clips), if
-    they were produced with `settings_hash`; None when the table has other settings or does not exist."""
+def committed_identity(output: str, settings_hash: str, batch_rows: int = 262_144) -> Iterator[pa.RecordBatch]:
+    """IDENTITY and error columns of the current table's clip rows (the Delta table OUTPUT/clips) in
+    record batches, if they were produced with `settings_hash`; nothing when the table has other
+    settings or does not exist."""
     dt = delta.open_table(output, "clips")
     if dt is None or delta.table_settings(dt) != settings_hash:
-        return None
-    return delta.read_table(output, "clips", IDENTITY + ["error"], dt)
+        return
+    yield from delta.iter_batches(output, "clips", IDENTITY + ["error"], batch_rows, dt)
 
 
 def parts_identity(output: str, paths: list[str]) -> pa.Table | None:
@@ -144,8 +146,8 @@ def not_transient(done: pa.Table | None) -> pa.Table | None:
 def done_files(output: str, settings_hash: str, extra_parts: list[str] = ()) -> pa.Table | None:
     """IDENTITY columns of clip rows already produced with `settings_hash` (in the current table, or in
     `extra_parts`, e.g. adopted ones), except rows whose error is transient."""
-    tables = [t for t in (committed_identity(output, settings_hash), parts_identity(output, extra_parts))
-              if t is not None]
+    tables = [pa.Table.from_batches([b]) for b in committed_identity(output, settings_hash)]
+    tables += [t for t in [parts_identity(output, extra_parts)] if t is not None]
     return not_transient(pa.concat_tables(tables)) if tables else None
 
 

@@ -94,6 +94,15 @@ def read_table(output: str, table: str, columns: list[str] | None = None, dt=Non
     return dataset.to_table(columns=columns).replace_schema_metadata(None)
 
 
+def iter_batches(output: str, table: str, columns: list[str], batch_rows: int = 262_144, dt=None):
+    """The current rows' `columns` in record batches (streamed: the driver holds one at a time)."""
+    paths = data_files(output, table, dt)
+    if paths:
+        fs, _ = fsspec.core.url_to_fs(output)
+        yield from pads.dataset(paths, format="parquet", filesystem=fs).to_batches(columns=columns,
+                                                                                   batch_size=batch_rows)
+
+
 def publish(output: str, run_id: str, settings_hash: str, parts: dict[str, list[str]],
             schemas: dict[str, pa.Schema], reprocessed: pa.Array) -> dict[str, int]:
     """Commit a run's part files to both tables (segments first); rows of `reprocessed` clip_ids that

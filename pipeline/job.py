@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import pipeline
 from pipeline.aggregate import ZeroShot
-from pipeline.commits import IDENTITY, commit, committed_identity, not_transient, orphan_parts, parts_identity
+from pipeline.commits import commit, committed_identity, not_transient, orphan_parts, parts_identity
 from pipeline.delta import publish
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
 from pipeline.device import resolve_precision
@@ -33,7 +33,9 @@ from pipeline.features_ast import AstFbankConfig
 from pipeline.features_clap import ClapMelConfig
 from pipeline.featurize import Featurize, FeaturizeConfig, task_memory_bytes
 from pipeline.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
-from pipeline.sources import FILE_SCHEMA, ListingConfig, list_inputs
+from pipeline.keyset import KeySet, split_digests
+from pipeline.skip import DoneSet
+from pipeline.sources import FILE_SCHEMA, ListingConfig, iter_inputs
 from pipeline.summary import RunSummary
 from pipeline.tagger import AstTagger, TaggerConfig
 from pipeline.windows import WindowConfig
@@ -65,6 +67,7 @@ class TagJobConfig:
     long_file_s: float = 1200.0   # featurize tasks reserve memory for files this long; longer ones run
                                   # afterwards in a lane that reserves it for DecodeConfig.max_duration_s
     rows_per_file: int = 20_000
+    shard_files: int = 100_000    # files per commit: the listing streams, the driver holds one shard
     flush_every_s: float = 60.0   # bounds the work a killed run loses
     stall_timeout_s: float = 600.0  # fail (not wait) when the Ray Data execution makes no progress this long
     max_error_rate: float | None = None  # fraction of processed files; more errors fail the run (exit 1)
@@ -202,23 +205,20 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     stages = model_stages(cfg, plan)
     metadata = run_metadata(cfg, stages, plan)
     _warn_untrained(metadata)
-    listed = list_inputs(ListingConfig(cfg.input))
-    adopted = orphan_parts(cfg.output, metadata["settings_hash"])
-    current, adopted_rows = committed_identity(cfg.output, metadata["settings_hash"]), parts_identity(cfg.output, adopted["clips"])
-    files = _new_or_changed(listed, not_transient(_concat(current, adopted_rows)))
-    summary.files_seen, summary.skipped_unchanged = len(listed), len(listed) - len(files)
+    settings = metadata["settings_hash"]
+    adopted = orphan_parts(cfg.output, settings)
     summary.adopted_parts = sum(len(v) for v in adopted.values())
-    if not len(files):
-        log.info("nothing new to process: all %d listed files are unchanged since a committed run", len(listed))
-    written = _tag(files, cfg, stages, plan, metadata, summary) if len(files) else {}
-    parts = {t: adopted[t] + written.get(t, []) for t in adopted}
-    # rows of these clips that the current table already holds are replaced in the same Delta commit
-    reprocessed = pa.chunked_array([files.column("clip_id")] + ([adopted_rows.column("clip_id")] if adopted_rows else []),
-                                   pa.string())
-    if current is not None:
-        reprocessed = pc.filter(reprocessed, pc.is_in(reprocessed, value_set=current.column("clip_id")))
-    publish(cfg.output, cfg.run_id, metadata["settings_hash"], parts, table_schemas(cfg), reprocessed.combine_chunks())
-    commit(cfg.output, cfg.run_id, metadata["settings_hash"], parts)
+    skip = SkipCheck.build(cfg.output, settings, adopted["clips"])
+    shards = 0
+    for files in _shards(iter_inputs(ListingConfig(cfg.input)), skip, cfg.shard_files, summary):
+        written = _tag(files, cfg, stages, plan, metadata, summary)
+        first = {t: adopted[t] if not shards else [] for t in adopted}
+        _commit_shard(cfg, settings, {t: first[t] + written[t] for t in adopted}, skip.replaced(files.column("clip_id")),
+                      shards)
+        shards += 1
+    if not shards:
+        log.info("nothing new to process: all %d listed files are unchanged since a committed run", summary.files_seen)
+        _commit_shard(cfg, settings, adopted, skip.replaced(pa.array([], pa.string())), 0)
     summary.finish()
     summary.log()
     try:
@@ -226,6 +226,31 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     except OSError as e:  # the run is committed; a missing summary file must not fail it
         log.warning("run committed, but its summary could not be saved under OUTPUT/_runs: %s", e)
     return summary.to_dict()
+
+
+def _shards(chunks, skip: "SkipCheck", shard_files: int, summary: RunSummary):
+    """Tables of up to `shard_files` new or changed files, from listing chunks as they arrive."""
+    pending, held = [], 0
+    for chunk in chunks:
+        todo = skip.new_or_changed(chunk)
+        summary.files_seen += len(chunk)
+        summary.skipped_unchanged += len(chunk) - len(todo)
+        pending.append(todo)
+        held += len(todo)
+        while held >= shard_files:
+            table = pa.concat_tables(pending)
+            yield table.slice(0, shard_files)
+            pending, held = [table.slice(shard_files)], held - shard_files
+    if held:
+        yield pa.concat_tables(pending)
+
+
+def _commit_shard(cfg: TagJobConfig, settings: str, parts: dict[str, list[str]], replaced: pa.Array,
+                  shard: int) -> None:
+    """Make a shard's parts the current rows (Delta commit, replacing older rows of `replaced` clips),
+    then record them in the run's manifest (OUTPUT/_commits/RUN_ID.json; later shards RUN_ID.NNNNN.json)."""
+    publish(cfg.output, cfg.run_id, settings, parts, table_schemas(cfg), replaced)
+    commit(cfg.output, cfg.run_id if not shard else f"{cfg.run_id}.{shard:05d}", settings, parts)
 
 
 def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: dict,
@@ -307,20 +332,49 @@ def _concat(*tables: pa.Table | None) -> pa.Table | None:
     return pa.concat_tables(present) if present else None
 
 
+class SkipCheck:
+    """What a run may skip and what its commits replace, read once from the current table (streamed in
+    record batches) and from adopted parts: the identities of done files (DoneSet, 16 B each) and the
+    clip_ids that have a row in the current table (16 B each)."""
+
+    def __init__(self, done: DoneSet, current: KeySet, adopted_ids: pa.Array):
+        self.done, self.current, self.adopted_ids = done, current, adopted_ids
+
+    @classmethod
+    def build(cls, output: str, settings_hash: str, adopted: list[str]) -> "SkipCheck":
+        done, current = DoneSet(), KeySet()
+        for batch in committed_identity(output, settings_hash):
+            current.add(*_id_hashes(batch.column("clip_id")))
+            done.add(not_transient(pa.Table.from_batches([batch])))
+        rows = parts_identity(output, adopted)
+        if rows is not None:
+            done.add(not_transient(rows))
+        ids = rows.column("clip_id").combine_chunks() if rows is not None else pa.array([], pa.string())
+        return cls(done, current, ids)
+
+    def new_or_changed(self, listed: pa.Table) -> pa.Table:
+        return self.done.new_or_changed(listed) if len(self.done) and len(listed) else listed
+
+    def replaced(self, clip_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+        """Those of `clip_ids` (and of the adopted parts' clips) that have a row in the current table."""
+        ids = pa.chunked_array([clip_ids, self.adopted_ids], pa.string()).combine_chunks()
+        if not len(ids) or not len(self.current):
+            return ids.slice(0, 0)
+        return ids.filter(pa.array(self.current.contains(*_id_hashes(ids))))
+
+
+def _id_hashes(clip_ids) -> tuple:
+    """128-bit hashes of clip_id strings, as KeySet takes them."""
+    values = clip_ids.cast(pa.binary()).to_pylist()
+    return split_digests(b"".join(hashlib.blake2b(v, digest_size=16).digest() for v in values))
+
+
 def _new_or_changed(listed: pa.Table, done: pa.Table | None) -> pa.Table:
-    """Listed files whose (clip_id, size, modified, etag) is not among the done ones: an anti-join in
-    Arrow on one composite key (a C++ hash set, no Python object per row); a null matches a null."""
+    """Listed files whose (clip_id, size, modified, etag) is not among the done ones: an anti-join on
+    128-bit hashes of the identity (skip.DoneSet, no Python object per done row); a null matches a null."""
     if done is None or not len(listed):
         return listed
-    return listed.filter(pc.invert(pc.is_in(_identity_key(listed), value_set=_identity_key(done))))
-
-
-def _identity_key(table: pa.Table) -> pa.Array:
-    """IDENTITY columns joined into one string per row; a null becomes a marker no value contains, so
-    a file without an etag (local files) still matches its own done row."""
-    columns = [pc.cast(table.column(c), pa.string()) for c in IDENTITY]
-    key = pc.binary_join_element_wise(*columns, "\x1f", null_handling="replace", null_replacement="\x00")
-    return key.combine_chunks() if isinstance(key, pa.ChunkedArray) else key
+    return DoneSet(done).new_or_changed(listed)
 
 
 def _warn_untrained(metadata: dict) -> None:

@@ -24,7 +24,7 @@ def test_help_explains_every_option():
     out = _run("jobs.tag", "--help").stdout
     for flag in ("--input", "--output", "--ast-model", "--clap-model", "--top-k", "--batch-size",
                  "--micro-batch", "--hop", "--num-gpus", "--ast-actors", "--clap-actors", "--zero-shot", "--zero-shot-prompt", "--flush-every", "--run-id",
-                 "--precision", "--max-error-rate", "--rows-per-file", "--long-file-s", "--stall-timeout"):
+                 "--precision", "--max-error-rate", "--rows-per-file", "--shard-files", "--long-file-s", "--stall-timeout"):
         assert flag in out
 
 
