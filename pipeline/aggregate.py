@@ -10,6 +10,7 @@ the mean of window embeddings, and the CLAP embedding is the L2-normalised mean 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -45,6 +46,13 @@ class ZeroShot:
         logits = self.logit_scale * (self.text_embeddings.astype(np.float64) @ audio_embedding)
         probs = np.exp(logits - logits.max())
         return top_labels(probs / probs.sum(), list(self.labels), k)
+
+
+PARTIAL_SCHEMA = pa.schema([
+    ("clip_id", pa.string()), ("meta", pa.string()),   # FILE_COLUMNS as JSON
+    ("scores", pa.list_(pa.float32())), ("ast_sum", pa.list_(pa.float64())), ("clap_sum", pa.list_(pa.float64())),
+    ("seen", pa.list_(pa.int32())),
+])
 
 
 @dataclass
@@ -113,10 +121,11 @@ class ClipAggregator:
             p.ast_sum += ast
             p.clap_sum += clap
         p.seen.add(index)
-        if len(p.seen) < meta["num_segments"]:
-            return None
-        del self._partial[meta["clip_id"]]
-        self._finished.add(meta["clip_id"])
+        return self._finish(meta["clip_id"]) if len(p.seen) >= meta["num_segments"] else None
+
+    def _finish(self, clip_id: str) -> dict:
+        p = self._partial.pop(clip_id)
+        self._finished.add(clip_id)
         n = len(p.seen)
         clap_mean = p.clap_sum / n
         clap_mean /= max(np.linalg.norm(clap_mean), 1e-12)
@@ -126,6 +135,39 @@ class ClipAggregator:
                 "scores": p.scores.astype(np.float32),
                 "ast_embedding": (p.ast_sum / n).astype(np.float32),
                 "clap_embedding": clap_mean.astype(np.float32), "run_id": self.run_id}
+
+    def take_partials(self) -> pa.Table | None:
+        """The running state of every pending file as PARTIAL_SCHEMA rows (max of scores, sums of
+        embeddings, segment indices seen), forgotten here: a worker hands them to the driver, whose
+        `add_partials` merges the pieces of a file from several batches (~14 KB each, not its windows)."""
+        if not self._partial:
+            return None
+        rows = [{"clip_id": c, "meta": json.dumps(p.meta), "scores": p.scores, "ast_sum": p.ast_sum,
+                 "clap_sum": p.clap_sum, "seen": sorted(p.seen)} for c, p in self._partial.items()]
+        self._partial.clear()
+        return pa.Table.from_pylist(rows, schema=PARTIAL_SCHEMA)
+
+    def add_partials(self, partials: pa.Table) -> list[dict]:
+        """Merge `take_partials` rows; returns the clip rows of the files now complete."""
+        done = []
+        for row in partials.to_pylist():
+            clip_id, seen = row["clip_id"], set(row["seen"])
+            p = self._partial.get(clip_id)
+            if clip_id in self._finished or (p is not None and p.seen & seen):
+                log.warning("dropped a repeated piece (windows %s) of %s", sorted(seen), clip_id)
+                continue
+            scores = np.asarray(row["scores"], np.float32)
+            ast, clap = np.asarray(row["ast_sum"], np.float64), np.asarray(row["clap_sum"], np.float64)
+            if p is None:
+                p = self._partial[clip_id] = _Partial(json.loads(row["meta"]), scores, ast, clap, seen)
+            else:
+                np.maximum(p.scores, scores, out=p.scores)
+                p.ast_sum += ast
+                p.clap_sum += clap
+                p.seen |= seen
+            if len(p.seen) >= p.meta["num_segments"]:
+                done.append(self._finish(clip_id))
+        return done
 
     def _error_clip(self, row: dict) -> dict:
         error = row["error"] + (f" ({row['error_detail']})" if row.get("error_detail") else "")

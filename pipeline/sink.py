@@ -5,8 +5,9 @@ that is whole in its batch (`pipeline.aggregate.ClipAggregator`), writes their s
 clips part (the same order as the driver's `RunWriters`: a complete clips part never names a clip whose
 windows are not in a complete segments part), and returns one small row per batch to the driver: the
 part files written, the batch's summary counts, and two rare kinds of leftovers as Arrow IPC bytes:
-- windows of files whose windows were split across batches (a file longer than one window whose
-  windows fell on both sides of a batch boundary), which the driver aggregates and writes itself;
+- the running state of files whose windows were split across batches (max of scores, sums of embeddings,
+  segment indices seen: ~14 KB, whatever the number of windows); their windows are written here like any
+  other, and the driver merges the pieces and writes the clip row once the file is whole;
 - files the long-file lane must take (error LONG_FILE), handed back to the driver.
 
 So the driver receives ~1 row per batch instead of every window's 7 KB of scores and embeddings, and its
@@ -72,16 +73,12 @@ class WriteResults:
         batch, handed_back = split_long(batch)
         aggregator = self.config.aggregator()
         segments, clips = aggregator.add(batch)
-        leftover = None
-        if aggregator.pending:  # windows of files not whole in this batch: the driver finishes them
-            pending = pa.array(aggregator.pending_ids())
-            segments = segments.filter(pc.invert(pc.is_in(segments.column("clip_id"), pending)))
-            leftover = batch.filter(pc.fill_null(pc.is_in(batch.column("clip_id"), pending), False))
+        leftover = aggregator.take_partials()   # files not whole here: their state, for the driver
         summary = RunSummary(self.config.run_id)
         for clip in clips:
             summary.count(clip)
         segment_parts, clip_parts = [], []
-        if clips:
+        if clips or len(segments):
             name = part_name(batch)
             seg_writer, clip_writer = self.config.writers()
             seg_writer.write(segments)
@@ -97,7 +94,8 @@ class WriteResults:
 
 class Collector:
     """The driver's side of the sink: collects the part files and counts of SINK_SCHEMA rows into
-    `summary`, finishes (aggregates and writes) the files whose windows were split across batches, and
+    `summary`, finishes the files whose windows were split across batches (merges their pieces and
+    writes their clip rows; their windows are in the workers' segments parts), and
     keeps the files handed back to the long-file lane. Work per row, not per window or file."""
 
     def __init__(self, config: SinkConfig, summary: RunSummary, rows_per_file: int = 20_000):
@@ -117,8 +115,9 @@ class Collector:
             if row["handed_back"]:
                 self.handed_back.append(from_ipc(row["handed_back"]))
             if row["leftover"]:
-                segments, clips = self.aggregator.add(from_ipc(row["leftover"]))
-                self.out.write(segments, clips_table(clips, self.out.clips.schema) if clips else None)
+                clips = self.aggregator.add_partials(from_ipc(row["leftover"]))
+                if clips:
+                    self.out.write(self.out.segments.schema.empty_table(), clips_table(clips, self.out.clips.schema))
                 self.clip_rows += len(clips)
                 for clip in clips:
                     self.summary.count(clip)

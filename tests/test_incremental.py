@@ -283,3 +283,20 @@ def test_skip_check_is_an_anti_join_on_the_identity():
     ], schema=pa.schema([FILE_SCHEMA.field(c) for c in ("clip_id", "size_bytes", "modified", "etag")]))
     assert _new_or_changed(listed, done).column("clip_id").to_pylist() == ["c2", "c4", "c5", "c6"]
     assert _new_or_changed(listed, None) is listed
+
+
+def test_a_run_commits_in_shards_as_its_listing_streams(job):
+    """Every --shard-files new or changed files are processed and committed (Delta table version and
+    manifest) before the next shard; the current table ends with every file once."""
+    corpus, out, run = job
+    for i in range(5):
+        _write(corpus, f"f{i}.wav", 1.0, seed=i)
+    summary = run("sharded", shard_files=2)
+    assert (summary["files_seen"], summary["ok"]) == (5, 5)
+    manifests = sorted(p.name for p in (out / "_commits").glob("*.json"))
+    assert manifests == ["sharded.00001.json", "sharded.00002.json", "sharded.json"]
+    assert [len(json.loads((out / "_commits" / m).read_text())["parts"]["clips"]) >= 1 for m in manifests] == [True] * 3
+    history = DeltaTable(str(out / "clips")).history()
+    assert len(history) == 3 and {h["audio_tagging.run_id"] for h in history} == {"sharded"}
+    current = _assert_every_clip_whole(out, 5)
+    assert set(current.run_id) == {"sharded"}

@@ -46,20 +46,30 @@ def test_whole_files_are_written_on_the_worker_and_the_rest_goes_back(tmp_path):
     clips = pq.read_table(clip_part).to_pydict()
     assert sorted(clips["clip_id"]) == ["e", "x"] and row["clip_rows"] == 2
     segments = pq.read_table(seg_part).to_pydict()
-    assert segments["clip_id"] == ["x", "x"] and segments["segment_index"] == [0, 1], "y is not whole here"
+    assert sorted(zip(segments["clip_id"], segments["segment_index"])) == [("x", 0), ("x", 1), ("y", 0)]
     assert json.loads(pq.read_schema(clip_part).metadata[b"audio_tagging"]) == {"settings_hash": "h"}
     counts = json.loads(row["counts"])
     assert (counts["ok"], counts["error"], counts["segments"], counts["errors_by_reason"]) == (1, 1, 2, {"empty file": 1})
-    leftover = from_ipc(row["leftover"])
-    assert leftover.column("clip_id").to_pylist() == ["y"] and leftover.column("scores").null_count == 0
+    piece = from_ipc(row["leftover"])   # y's running state, not its windows
+    assert piece.column("clip_id").to_pylist() == ["y"] and piece.column("seen").to_pylist() == [[0]]
     assert from_ipc(row["handed_back"]).column("clip_id").to_pylist() == ["l"]
 
-    # the driver finishes y from the leftover and the window that arrives in another batch
-    aggregator = _config(tmp_path).aggregator()
+    # y's other window arrives in another batch; the driver merges the two pieces into y's clip row,
+    # equal to aggregating both windows in one place
     other, _ = _windows("y", [1], 2, seed=3)
-    assert aggregator.add(leftover)[1] == []
-    segments, clips = aggregator.add(other)
-    assert [c["clip_id"] for c in clips] == ["y"] and len(segments) == 1
+    (row2,) = WriteResults(_config(tmp_path))(other).to_pylist()
+    assert row2["clips_parts"] == [] and len(row2["segments_parts"]) == 1
+    driver = _config(tmp_path).aggregator()
+    assert driver.add_partials(piece) == [] and driver.pending == 1
+    (merged,) = driver.add_partials(from_ipc(row2["leftover"]))
+    whole = _config(tmp_path).aggregator()
+    first, _ = _windows("y", [0], 2, seed=2)
+    whole.add(first)
+    (expected,) = whole.add(other)[1]
+    for key in ("scores", "ast_embedding", "clap_embedding"):
+        np.testing.assert_array_equal(merged[key], expected[key])
+    assert merged["labels"] == expected["labels"] and merged["num_segments"] == 2
+    assert driver.add_partials(from_ipc(row2["leftover"])) == [], "a repeated piece is dropped"
 
 
 def test_a_retried_batch_rewrites_its_part_and_another_batch_gets_its_own(tmp_path):
@@ -74,8 +84,8 @@ def test_a_retried_batch_rewrites_its_part_and_another_batch_gets_its_own(tmp_pa
     assert len(list((tmp_path / "clips" / "run1").glob("part-*.parquet"))) == 2
 
 
-def test_a_batch_of_split_windows_only_writes_nothing(tmp_path):
+def test_a_batch_of_split_windows_writes_their_segments_and_no_clip(tmp_path):
     split, _ = _windows("y", [0], 2, seed=2)
     (row,) = WriteResults(_config(tmp_path))(split).to_pylist()
-    assert (row["clips_parts"], row["segments_parts"], row["clip_rows"]) == ([], [], 0)
+    assert (row["clips_parts"], row["clip_rows"], len(row["segments_parts"])) == ([], 0, 1)
     assert len(from_ipc(row["leftover"])) == 1 and not (tmp_path / "clips").exists()
