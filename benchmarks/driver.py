@@ -17,6 +17,11 @@ df57bde). Each variant runs in its own subprocess: CPU seconds of the call, and 
 the loaded tables (VmHWM reset through /proc/self/clear_refs after the tables are built, so building
 them does not count).
 
+(c) The driver's CPU with Ray Data in between (issue 14): the same windows, as Ray blocks in the object
+store, streamed either to the driver (`iter_batches`, then (a)'s loop: the job before issue 14) or
+through the job's WriteResults tasks (aggregate + write on the workers, 1, 2 or 4 at a time) into its
+Collector: driver-process CPU (all threads, Ray Data's executor included) per 1,000 windows.
+
 CPU time, not wall time: the machine may be shared. Prints a table; writes a JSON result file.
 
 Usage: python -m benchmarks.driver [--windows 20480] [--files-n 2000000]
@@ -200,6 +205,54 @@ def skip_check(variant: str, n: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def ray_driver(total: int, per_file: int, mode: str, workers: int) -> dict:
+    """CPU seconds of the driver process (all its threads: Ray Data's executor included) while the job's
+    last stage streams `total` full-size windows through Ray Data (a local Ray already started):
+    mode "driver": every window comes to the driver (`iter_batches`) and is aggregated and written there
+    (the job before issue 14); mode "sink": `workers` WriteResults tasks at a time aggregate and write on
+    the workers and the driver's Collector gets one row per batch (the job now)."""
+    import ray
+
+    from pipeline.aggregate import ClipAggregator, clips_table
+    from pipeline.sink import Collector, SinkConfig, WriteResults
+    from pipeline.summary import RunSummary
+    from pipeline.writer import PartWriter, RunWriters
+    from schemas import clips_schema, segments_schema
+
+    batches = _window_batches(total, per_file)
+    windows = sum(len(b) for b in batches)
+    dims = (NUM_LABELS, AST_DIM, CLAP_DIM)
+    names = [f"label_{i:03d}" for i in range(NUM_LABELS)]
+    with tempfile.TemporaryDirectory() as out_dir:
+        dataset = ray.data.from_arrow(batches)
+        clips_n = 0
+        if mode == "sink":
+            sink = SinkConfig(out_dir, "bench", tuple(names), TOP_K, segments_schema(*dims), clips_schema(*dims), "{}")
+            dataset = dataset.map_batches(WriteResults(sink), batch_format="pyarrow", batch_size=BATCH, num_cpus=0.25,
+                                          concurrency=workers)
+            collector = Collector(sink, RunSummary("bench"))
+            start = time.process_time()
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                collector.add(batch)
+            collector.finish()
+            clips_n = collector.clip_rows
+        else:
+            out = RunWriters(segments=PartWriter(out_dir, "segments", "bench", segments_schema(*dims), {}),
+                             clips=PartWriter(out_dir, "clips", "bench", clips_schema(*dims), {}))
+            agg = ClipAggregator(names, TOP_K, "bench")
+            start = time.process_time()
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                segments, clips = agg.add(batch)
+                out.write(segments, clips_table(clips, out.clips.schema) if clips else None)
+                clips_n += len(clips)
+            out.flush()
+        cpu = time.process_time() - start
+    assert clips_n == windows // per_file, (clips_n, windows, per_file)
+    return {"mode": mode, "workers": workers if mode == "sink" else 0, "windows_per_file": per_file,
+            "windows": windows, "driver_cpu_s": round(cpu, 3),
+            "driver_cpu_ms_per_1000_windows": round(1000 * cpu / windows * 1000, 1)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=20_480, help="windows per aggregate+write shape")
@@ -214,6 +267,12 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
     agg = [aggregate_write(args.windows, per_file) for per_file in (1, 36)]
     skip = [skip_check(v, args.files_n) for v in ("arrow", "python_set")]
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    streamed = [ray_driver(args.windows, per_file, "driver", 0) for per_file in (1, 36)]
+    streamed += [ray_driver(args.windows, per_file, "sink", w) for per_file in (1, 36) for w in (1, 2, 4)]
+    ray.shutdown()
 
     print(f"\nAggregate + write on the driver (one process, {BATCH}-window batches, full-size rows)")
     print(f"{'windows/file':>13}{'windows':>9}{'files':>8}{'CPU s':>8}{'windows/CPU-s':>15}{'files/CPU-s':>13}")
@@ -225,13 +284,19 @@ def main(argv=None) -> int:
     for r in skip:
         print(f"{r['variant']:>12}{r['cpu_s']:>8.2f}{r['peak_rss_growth_bytes'] / 1e9:>20.2f}")
 
+    print(f"\nThe driver's CPU with Ray Data in between ({args.windows:,} full-size windows, {BATCH}-window batches)")
+    print(f"{'mode':>7}{'sink tasks':>11}{'windows/file':>13}{'driver CPU s':>13}{'ms / 1000 windows':>19}")
+    for r in streamed:
+        print(f"{r['mode']:>7}{r['workers']:>11}{r['windows_per_file']:>13}{r['driver_cpu_s']:>13.2f}"
+              f"{r['driver_cpu_ms_per_1000_windows']:>19.1f}")
+
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "cpu_model": cpu_model()},
               "load_avg_1min_at_start": load_start, "load_avg_1min_at_end": os.getloadavg()[0],
               "python": platform.python_version(), "pyarrow": pa.__version__,
               "widths": {"labels": NUM_LABELS, "ast_dim": AST_DIM, "clap_dim": CLAP_DIM},
               "batch_windows": BATCH, "top_k": TOP_K, "rows_per_part": 20_000,
-              "aggregate_write": agg, "skip_check": skip}
+              "aggregate_write": agg, "skip_check": skip, "ray_driver": streamed}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     log.info("wrote %s", args.out)
