@@ -82,6 +82,12 @@ class Decoder:
         waves = {r: self._resample(mono, rate, r) for r in self.config.rates}
         return Audio(waves, duration_s, rate, channels, decoder, _shortfall(len(mono), declared, rate))
 
+    def decode_file(self, uri: str) -> Audio:
+        """Read `uri` (pipeline/storage.py: storage errors are DecodeErrors) and decode it."""
+        from pipeline.storage import read_bytes  # storage imports this module
+
+        return self(read_bytes(uri))
+
     def _resample(self, mono: np.ndarray, rate: int, target: int) -> np.ndarray:
         if rate == target:
             return np.ascontiguousarray(mono, dtype=np.float32)

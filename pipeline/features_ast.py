@@ -59,6 +59,8 @@ class AstFbankConfig:
 _PREEMPHASIS = 0.97
 _LOW_FREQ_HZ = 20.0
 _EPSILON = torch.tensor(torch.finfo(torch.float32).eps)
+# Frames per pass: a block's frame, FFT and power buffers (~0.5 MB) stay in cache between the passes
+_CHUNK_FRAMES = 256
 
 
 class AstFbank:
@@ -74,7 +76,7 @@ class AstFbank:
         # (fft bins, mels); kaldi has no weight on the Nyquist bin
         self._banks = MelBands(torch.nn.functional.pad(banks, (0, 1)).T)
         self._window = torch.hann_window(self.frame_length, periodic=False)
-        rows, bins = config.max_length, self.fft_length // 2 + 1
+        rows, bins = _CHUNK_FRAMES, self.fft_length // 2 + 1
         self._buffers = (torch.empty(rows), torch.empty((rows, self.frame_length + 1)),
                          torch.empty((rows, self.frame_length + 1)), torch.zeros((rows, self.fft_length)),
                          torch.empty((rows, bins, 2)), torch.empty((rows, bins)))
@@ -98,26 +100,31 @@ class AstFbank:
 
     def _log_mel_into(self, wave: np.ndarray, out: torch.Tensor) -> int:
         """Write the log-mel frames into the first rows of `out`; return how many frames."""
-        spec = torch.view_as_real(self._spectrum(wave))
-        m = len(spec)
-        squares, power = self._buffers[4][:m], self._buffers[5][:m]
-        torch.mul(spec, spec, out=squares)
-        torch.add(squares[..., 0], squares[..., 1], out=power)
-        self._banks(power, out=out[:m]).clamp_min_(_EPSILON).log_()
-        return m
+        frames = self._frames(wave)
+        for i in range(0, len(frames), _CHUNK_FRAMES):
+            spec = torch.view_as_real(self._spectrum(frames[i:i + _CHUNK_FRAMES]))
+            squares, power = self._buffers[4][:len(spec)], self._buffers[5][:len(spec)]
+            torch.mul(spec, spec, out=squares)
+            torch.add(squares[..., 0], squares[..., 1], out=power)
+            self._banks(power, out=out[i:i + len(spec)])
+        out[:len(frames)].clamp_min_(_EPSILON).log_()
+        return len(frames)
 
-    def _spectrum(self, wave: np.ndarray) -> torch.Tensor:
-        """(frames, fft_length // 2 + 1) complex64 spectrum of at most `max_length` frames, bitwise
-        torchaudio's."""
+    def _frames(self, wave: np.ndarray) -> torch.Tensor:
+        """(frames, frame_length) overlapping view of at most `max_length` frames of `wave`."""
         w = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
         if len(w) < self.frame_length:
             raise ValueError(f"{len(w)} samples is shorter than one {self.frame_length}-sample frame")
         m = min(self.config.max_length, 1 + (len(w) - self.frame_length) // self.frame_shift)
-        frames = w.as_strided((m, self.frame_length), (self.frame_shift, 1))
-        mean, shifted, scaled, padded = (b[:m] for b in self._buffers[:4])
+        return w.as_strided((m, self.frame_length), (self.frame_shift, 1))
+
+    def _spectrum(self, frames: torch.Tensor) -> torch.Tensor:
+        """(frames, fft_length // 2 + 1) complex64 spectrum of at most _CHUNK_FRAMES frames, bitwise
+        torchaudio's."""
+        mean, shifted, scaled, padded = (b[:len(frames)] for b in self._buffers[:4])
         # shifted[:, 1:] = frames - row mean (DC offset), shifted[:, 0] = its first sample (kaldi's
-        # replicate pad), so x - 0.97 x[-1] is two whole-matrix passes, the second straight into the
-        # FFT buffer, whose zero tail is never written
+        # replicate pad), so x - 0.97 x[-1] is two passes, the second straight into the FFT buffer,
+        # whose zero tail is never written
         torch.mean(frames, dim=1, out=mean)
         torch.sub(frames, mean.unsqueeze(1), out=shifted[:, 1:])
         shifted[:, 0] = shifted[:, 1]

@@ -64,7 +64,8 @@ class ClapMelConfig:
         return asdict(self)
 
 
-# Frames per FFT call: a block's float64 spectrum (~0.5 MB) stays in cache for the Hann and power passes
+# Frames per FFT call: a block's float64 spectrum (~0.5 MB) and Hann band stay in cache for the passes
+# over them (the whole window's spectrum is 8 MB)
 _CHUNK_FRAMES = 64
 
 
@@ -94,7 +95,7 @@ class ClapMel:
         self._conj = torch.tensor([1.0, -1.0], dtype=torch.float64)
         # kept across calls: fresh multi-MB float64 buffers per window cost page faults
         self._buffers = (torch.empty(config.max_samples + config.fft_window_size, dtype=torch.float64),
-                         torch.empty((config.num_frames, self._hi - self._lo, 2), dtype=torch.float64),
+                         torch.empty((_CHUNK_FRAMES, self._hi - self._lo, 2), dtype=torch.float64),
                          torch.empty((config.num_frames, self._hi - self._lo)))
 
     def __call__(self, waves: list[np.ndarray]) -> np.ndarray:
@@ -129,7 +130,7 @@ class ClapMel:
         for i in range(0, c.num_frames, _CHUNK_FRAMES):
             j = min(i + _CHUNK_FRAMES, c.num_frames)
             spec = torch.view_as_real(torch.fft.rfft(frames[i:j]))               # float64 (frames, bins, 2)
-            h = self._hann(spec, band[i:j]).square_()
+            h = self._hann(spec, band[:j - i]).square_()
             torch.add(h[..., 0], h[..., 1], out=power[i:j])                    # summed in float64, stored float32
         self._filters(power, out=out).clamp_min_(1e-10).log10_().mul_(10.0)
 
