@@ -5,15 +5,10 @@ Matches transformers' ASTFeatureExtractor (torchaudio path): `kaldi.fbank` with 
 
 The fbank is computed here rather than through `kaldi.fbank`, which rebuilds its mel banks on every
 call, computes an energy column it then drops, takes |X|^2 through a slow complex abs, and multiplies by
-the mostly-zero mel matrix densely. Every step up to and including the FFT is the same float32 operation
-on the same values as torchaudio's (row mean, DC removal, x - 0.97 x[-1] with the first sample
-replicated, window, zero padding to 512), so the spectrum is bitwise identical (tests/test_features.py
-checks it); only the power (re^2 + im^2) and the non-negative mel sums round differently, a relative
-error of a few float32 ulps (log-mel within ~1.2e-7 of the reference).
-
-The frame matrix is ~1.6 MB per pass, so the passes write into buffers kept across calls (no fresh
-pages per window), and the zero padding of the FFT buffer is written once. An `AstFbank` is therefore
-not for concurrent use from several threads; featurize builds one per worker process.
+the mostly-zero mel matrix densely. Every step up to and including the FFT is the same float32 torch
+operation, in the same order, on the same layout as torchaudio's, so the spectrum is bitwise
+identical (tests/test_features.py checks it); only the power (re^2 + im^2) and the non-negative mel sums
+round differently, a relative error of a few float32 ulps (log-mel within ~1.2e-7 of the reference).
 """
 
 from __future__ import annotations
@@ -59,8 +54,6 @@ class AstFbankConfig:
 _PREEMPHASIS = 0.97
 _LOW_FREQ_HZ = 20.0
 _EPSILON = torch.tensor(torch.finfo(torch.float32).eps)
-# Frames per pass: a block's frame, FFT and power buffers (~0.5 MB) stay in cache between the passes
-_CHUNK_FRAMES = 256
 
 
 class AstFbank:
@@ -76,18 +69,15 @@ class AstFbank:
         # (fft bins, mels); kaldi has no weight on the Nyquist bin
         self._banks = MelBands(torch.nn.functional.pad(banks, (0, 1)).T)
         self._window = torch.hann_window(self.frame_length, periodic=False)
-        rows, bins = _CHUNK_FRAMES, self.fft_length // 2 + 1
-        self._buffers = (torch.empty(rows), torch.empty((rows, self.frame_length + 1)),
-                         torch.empty((rows, self.frame_length + 1)), torch.zeros((rows, self.fft_length)),
-                         torch.empty((rows, bins, 2)), torch.empty((rows, bins)))
 
     def __call__(self, wave: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Features of one window, written into `out` ((max_length, num_mel_bins) float32) if given."""
         c = self.config
+        logmel = self.log_mel(wave)
         if out is None:
             out = np.empty((c.max_length, c.num_mel_bins), dtype=np.float32)
-        m = self._log_mel_into(wave, torch.from_numpy(out))
-        out[m:] = 0.0
+        out[:len(logmel)] = logmel.numpy()
+        out[len(logmel):] = 0.0
         if c.do_normalize:  # in place: the same float32 values as (out - mean) / (2 * std)
             out -= c.mean
             out /= c.std * 2
@@ -95,41 +85,21 @@ class AstFbank:
 
     def log_mel(self, wave: np.ndarray) -> torch.Tensor:
         """(frames, num_mel_bins) natural-log mel energies of at most `max_length` frames."""
-        out = torch.empty((self.config.max_length, self.config.num_mel_bins))
-        return out[:self._log_mel_into(wave, out)]
+        spec = torch.view_as_real(self._spectrum(wave))
+        power = spec[..., 0].square().add_(spec[..., 1].square())
+        return self._banks(power).clamp_min_(_EPSILON).log_()
 
-    def _log_mel_into(self, wave: np.ndarray, out: torch.Tensor) -> int:
-        """Write the log-mel frames into the first rows of `out`; return how many frames."""
-        frames = self._frames(wave)
-        for i in range(0, len(frames), _CHUNK_FRAMES):
-            spec = torch.view_as_real(self._spectrum(frames[i:i + _CHUNK_FRAMES]))
-            squares, power = self._buffers[4][:len(spec)], self._buffers[5][:len(spec)]
-            torch.mul(spec, spec, out=squares)
-            torch.add(squares[..., 0], squares[..., 1], out=power)
-            self._banks(power, out=out[i:i + len(spec)])
-        out[:len(frames)].clamp_min_(_EPSILON).log_()
-        return len(frames)
-
-    def _frames(self, wave: np.ndarray) -> torch.Tensor:
-        """(frames, frame_length) overlapping view of at most `max_length` frames of `wave`."""
+    def _spectrum(self, wave: np.ndarray) -> torch.Tensor:
+        """(frames, fft_length // 2 + 1) complex64 spectrum of at most `max_length` frames."""
         w = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
         if len(w) < self.frame_length:
             raise ValueError(f"{len(w)} samples is shorter than one {self.frame_length}-sample frame")
         m = min(self.config.max_length, 1 + (len(w) - self.frame_length) // self.frame_shift)
-        return w.as_strided((m, self.frame_length), (self.frame_shift, 1))
-
-    def _spectrum(self, frames: torch.Tensor) -> torch.Tensor:
-        """(frames, fft_length // 2 + 1) complex64 spectrum of at most _CHUNK_FRAMES frames, bitwise
-        torchaudio's."""
-        mean, shifted, scaled, padded = (b[:len(frames)] for b in self._buffers[:4])
-        # shifted[:, 1:] = frames - row mean (DC offset), shifted[:, 0] = its first sample (kaldi's
-        # replicate pad), so x - 0.97 x[-1] is two passes, the second straight into the FFT buffer,
-        # whose zero tail is never written
-        torch.mean(frames, dim=1, out=mean)
-        torch.sub(frames, mean.unsqueeze(1), out=shifted[:, 1:])
-        shifted[:, 0] = shifted[:, 1]
-        torch.mul(shifted, _PREEMPHASIS, out=scaled)
+        frames = w.as_strided((m, self.frame_length), (self.frame_shift, 1))
+        x = frames - torch.mean(frames, dim=1).unsqueeze(1)                     # remove DC offset
+        padded = torch.zeros((m, self.fft_length))
         pre = padded[:, :self.frame_length]
-        torch.sub(shifted[:, 1:], scaled[:, :-1], out=pre)
+        torch.sub(x[:, 1:], _PREEMPHASIS * x[:, :-1], out=pre[:, 1:])
+        torch.sub(x[:, :1], _PREEMPHASIS * x[:, :1], out=pre[:, :1])
         pre.mul_(self._window)
         return torch.fft.rfft(padded)
