@@ -64,9 +64,9 @@ class ClapMelConfig:
         return asdict(self)
 
 
-# Frames per FFT call: a block's float64 spectrum (~0.5 MB) and Hann band stay in cache for the passes
+# Frames per FFT call: a block's float64 spectrum (~1 MB) and Hann band stay in cache for the passes
 # over them (the whole window's spectrum is 8 MB)
-_CHUNK_FRAMES = 64
+_CHUNK_FRAMES = 128
 
 
 class ClapMel:
