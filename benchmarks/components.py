@@ -41,7 +41,8 @@ VERSIONS = ("before", "after")
 def export_before(ref: str, root: Path) -> str:
     """`git archive` the ref's pipeline package into root/pipeline_before, imports renamed; its name."""
     repo = Path(__file__).resolve().parent.parent
-    tar = subprocess.run(["git", "-C", str(repo), "archive", ref, "pipeline"], check=True, capture_output=True).stdout
+    tar = subprocess.run(["git", "-C", str(repo), "archive", ref, "pipeline"], check=True,
+                         capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(root)], input=tar, check=True)
     (root / "pipeline").rename(root / "pipeline_before")
     for f in (root / "pipeline_before").glob("*.py"):

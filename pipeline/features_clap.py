@@ -93,10 +93,17 @@ class ClapMel:
         # /16: `_hann` returns -4 X_w; a power-of-two scale is exact
         self._filters = MelBands(filters[self._lo:self._hi] / 16.0)
         self._conj = torch.tensor([1.0, -1.0], dtype=torch.float64)
-        # kept across calls: fresh multi-MB float64 buffers per window cost page faults
-        self._buffers = (torch.empty(config.max_samples + config.fft_window_size, dtype=torch.float64),
-                         torch.empty((_CHUNK_FRAMES, self._hi - self._lo, 2), dtype=torch.float64),
-                         torch.empty((config.num_frames, self._hi - self._lo)))
+        # kept across calls (fresh multi-MB float64 buffers per window cost page faults), with their views
+        # per block of frames made once (each torch call costs microseconds)
+        self._padded = torch.empty(config.max_samples + config.fft_window_size, dtype=torch.float64)
+        band = torch.empty((_CHUNK_FRAMES, self._hi - self._lo, 2), dtype=torch.float64)
+        self._power = torch.empty((config.num_frames, self._hi - self._lo))
+        frames = self._padded.as_strided((config.num_frames, config.fft_window_size), (config.hop_length, 1))
+        self._blocks = []
+        for i in range(0, config.num_frames, _CHUNK_FRAMES):
+            j = min(i + _CHUNK_FRAMES, config.num_frames)
+            self._blocks.append((frames[i:j], band[:j - i], band[:j - i, :, 0], band[:j - i, :, 1],
+                                 self._power[i:j]))
 
     def __call__(self, waves: list[np.ndarray]) -> np.ndarray:
         c = self.config
@@ -121,29 +128,29 @@ class ClapMel:
         """Write the (frames, mels) float32 dB of one window into `out` (contiguous)."""
         c = self.config
         half = c.fft_window_size // 2
-        padded, band, power = self._buffers
-        p = padded.numpy()
+        p = self._padded.numpy()
         self._pad_into(np.asarray(wave), p[half:half + c.max_samples])
         p[:half] = p[2 * half:half:-1]                                           # centred frames, reflect
         p[-half:] = p[-half - 2:-2 * half - 2:-1]
-        frames = padded.as_strided((c.num_frames, c.fft_window_size), (c.hop_length, 1))
-        for i in range(0, c.num_frames, _CHUNK_FRAMES):
-            j = min(i + _CHUNK_FRAMES, c.num_frames)
-            spec = torch.view_as_real(torch.fft.rfft(frames[i:j]))               # float64 (frames, bins, 2)
-            h = self._hann(spec, band[:j - i]).square_()
-            torch.add(h[..., 0], h[..., 1], out=power[i:j])                    # summed in float64, stored float32
-        self._filters(power, out=out).clamp_min_(1e-10).log10_().mul_(10.0)
+        for frames, band, re, im, power in self._blocks:
+            spec = torch.view_as_real(torch.fft.rfft(frames))                    # float64 (frames, bins, 2)
+            self._hann(spec, band).square_()
+            torch.add(re, im, out=power)                          # |X_w|^2 summed in float64, stored float32
+        self._filters(self._power, out=out).clamp_min_(1e-10).log10_().mul_(10.0)
 
     def _hann(self, spec: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """-4 times bins [lo, hi) of the periodic-Hann-windowed spectrum, from the unwindowed one, written
         into `out`: the window is 0.5 - 0.5 cos(2 pi n / N), so -4 X_w[k] = X[k-1] + X[k+1] - 2 X[k]. In
         float64 this equals windowing the frames first (to ~1e-16 of the frame's energy), and it saves
         writing out windowed frames: the FFT reads the overlapping frames straight from the padded signal."""
-        n = spec.shape[-2]
-        near = spec[..., max(self._lo - 1, 0):min(self._hi + 1, n), :]
-        if self._lo == 0:                                                        # X[-1] = conj(X[1])
+        n, lo, hi = spec.shape[-2], self._lo, self._hi
+        if 0 < lo and hi < n:                                                    # the usual case, fewest calls
+            torch.add(spec[:, lo - 1:hi - 1], spec[:, lo + 1:hi + 1], out=out)
+            return out.sub_(spec[:, lo:hi], alpha=2.0)
+        near = spec[..., max(lo - 1, 0):min(hi + 1, n), :]
+        if lo == 0:                                                              # X[-1] = conj(X[1])
             near = torch.cat([spec[..., 1:2, :] * self._conj, near], dim=-2)
-        if self._hi == n:                                                        # X[N/2 + 1] = conj(X[N/2 - 1])
+        if hi == n:                                                              # X[N/2 + 1] = conj(X[N/2 - 1])
             near = torch.cat([near, spec[..., n - 2:n - 1, :] * self._conj], dim=-2)
         return torch.add(near[..., :-2, :], near[..., 2:, :], out=out).sub_(near[..., 1:-1, :], alpha=2.0)
 
