@@ -77,10 +77,16 @@ class Decoder:
         if duration_s < self.config.min_duration_s:
             raise DecodeError("audio too short",
                               f"{duration_s * 1000:.1f} ms, minimum {self.config.min_duration_s * 1000:.0f} ms")
-        if not np.isfinite(mono).all():  # NaN or inf in any channel survives the mean
+        if not _all_finite(mono):  # NaN or inf in any channel survives the mean
             raise DecodeError("audio contains NaN or infinite sample values")
         waves = {r: self._resample(mono, rate, r) for r in self.config.rates}
         return Audio(waves, duration_s, rate, channels, decoder, _shortfall(len(mono), declared, rate))
+
+    def decode_file(self, uri: str) -> Audio:
+        """Read `uri` (pipeline/storage.py: storage errors are DecodeErrors) and decode it."""
+        from pipeline.storage import read_bytes  # storage imports this module
+
+        return self(read_bytes(uri))
 
     def _resample(self, mono: np.ndarray, rate: int, target: int) -> np.ndarray:
         if rate == target:
@@ -114,6 +120,12 @@ def _deadline(seconds: float | None):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether no sample is NaN or infinite. A finite sum proves it in one pass without a mask array;
+    a non-finite sum (NaN, inf, or finite samples summing past float32's range) gets the full check."""
+    return bool(np.isfinite(x.sum())) or bool(np.isfinite(x).all())
 
 
 def _downmix(samples: np.ndarray) -> np.ndarray:

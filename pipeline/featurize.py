@@ -21,7 +21,6 @@ from pipeline.decode import Audio, DecodeConfig, DecodeError
 from pipeline.features_ast import AstFbank, AstFbankConfig
 from pipeline.features_clap import ClapMel, ClapMelConfig
 from pipeline.isolation import shared_decoder
-from pipeline.storage import read_bytes
 from pipeline.windows import Window, WindowConfig, plan_windows, sample_span
 
 log = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ class Featurize:
         try:
             if file.get("listing_error"):
                 raise DecodeError(file["listing_error"])
-            audio = shared_decoder(self._decode_config)(read_bytes(file["uri"]))
+            audio = shared_decoder(self._decode_config).decode_file(file["uri"])
         except DecodeError as e:
             log.info("%s: %s", file["uri"], e)
             yield ({**file, "status": "error", "error": e.reason, "error_detail": e.detail or None,
