@@ -72,6 +72,7 @@ def role(pid: int) -> str:
     except OSError:
         return "gone"
     for key, name in (("pipeline.isolation", "decoder_child"), ("gcs_server", "ray_gcs"), ("raylet", "raylet"),
+                      ("WriteResults", "sink_task"),  # a task worker's title names the task it runs now
                       ("Featurize", "featurize_worker"), ("ray::IDLE", "featurize_worker"),  # idle task workers
                       ("AstTagger", "ast_actor"), ("ClapEmbedder", "clap_actor"),
                       ("DashboardAgent", "ray_agents"), ("RuntimeEnvAgent", "ray_agents"),

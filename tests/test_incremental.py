@@ -213,7 +213,7 @@ def test_killed_worker_mid_run_loses_nothing(job):
 
 def test_another_precision_reprocesses_and_is_never_mixed_in(job):
     """Precision is a setting: a bf16 run redoes fp32 results (and is recorded as bf16), and going back
-    to fp32 finds the fp32 results again instead of mixing the two."""
+    to fp32 redoes them again: the current table never mixes the two. Earlier results stay readable."""
     corpus, out, run = job
     for i in range(2):
         _write(corpus, f"f{i}.wav", 3.0, seed=i)
@@ -232,8 +232,11 @@ def test_another_precision_reprocesses_and_is_never_mixed_in(job):
     assert not np.array_equal(a, b), "bf16 compute should not give bitwise fp32 results"
 
     back = run("fp32-again", precision="fp32")
-    assert (back["processed"], back["skipped_unchanged"]) == (0, 2)
-    assert set(read_current(str(out)).to_pandas().run_id) == {"auto-cpu"}
+    assert (back["processed"], back["skipped_unchanged"]) == (2, 0)
+    again = read_current(str(out)).to_pandas()
+    assert set(again.run_id) == {"fp32-again"} and set(DeltaTable(str(out / "clips")).to_pandas().run_id) == {"fp32-again"}
+    c = np.stack(again.sort_values("uri").clap_embedding)
+    np.testing.assert_array_equal(a, c)  # fp32 again: the same values as the first fp32 run
 
 
 def test_crashed_and_out_of_memory_decodes_are_retried_next_run(tmp_path):
