@@ -1,9 +1,9 @@
 """Run every benchmark back to back and write benchmarks/results/*.json:
 
-    python -m benchmarks          # features, GPU sizing, job throughput (tiny models), memory at 1x/10x,
-                                  # search at 100k (~10 min on 2 cores)
+    python -m benchmarks          # features, GPU sizing, job throughput (tiny models), CPU cost per clip,
+                                  # driver ceiling, listing, memory at 1x/10x, search at 100k (~15 min on 2 cores)
     python -m benchmarks --full   # also full-size models (job, model-only bound, precision options,
-                                  # naive loop) and search at 1M (~40 min more)
+                                  # naive loop), the one-node benchmark and search at 1M (~40 min more)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from benchmarks import features, gpu_sizing, job_throughput, memory, models, search
+from benchmarks import cpu_cost, driver, features, gpu_sizing, job_throughput, listing, memory, models, node, search
 
 log = logging.getLogger("benchmarks")
 
@@ -32,6 +32,15 @@ def main(argv=None) -> int:
         job_throughput.main(["--size", "full"])
         log.info("== models alone: micro-batches, CPU precision options, naive per-file loop ==")
         models.main(["--size", "full"])
+    log.info("== CPU cost per clip of the job against the one-thread floor (needs a quiet machine) ==")
+    cpu_cost.main([])
+    if args.full:
+        log.info("== one node: job, model-only bound, DataLoader script (GPU sizes when CUDA is visible) ==")
+        node.main([])
+    log.info("== the driver's aggregate-and-write ceiling and the skip check ==")
+    driver.main([])
+    log.info("== listing a manifest and the skip check, streamed (100k rows; --rows 10000000 by hand) ==")
+    listing.main([])
     log.info("== peak memory of a job at 1x and 10x corpus size ==")
     memory.main([])
     log.info("== search ==")

@@ -24,7 +24,7 @@ import platform
 import time
 from pathlib import Path
 
-from pipeline.resources import GPU_PEAK_TFLOPS
+from pipeline.resources import GPU_MFU, GPU_PEAK_TFLOPS
 
 log = logging.getLogger("benchmarks.gpu_sizing")
 
@@ -54,21 +54,26 @@ def feature_rates(path: Path) -> dict[str, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mfu", type=float, default=0.3, help="achieved fraction of peak FLOP/s (assumed)")
+    p.add_argument("--mfu", type=float, default=GPU_MFU,
+                   help="achieved fraction of peak FLOP/s (default: pipeline.resources.GPU_MFU, measured on an H100)")
     p.add_argument("--features", default="benchmarks/results/features.json")
+    p.add_argument("--cpu-cost", default="benchmarks/results/cpu_cost.json",
+                   help="python -m benchmarks.cpu_cost's result: the job's CPU side per clip (column 'job')")
     p.add_argument("--out", default="benchmarks/results/gpu_sizing.json")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(message)s")
     flops = flops_per_window()
     per_window = flops["ast"] + flops["clap_audio"]
     rates = feature_rates(Path(args.features))
+    if Path(args.cpu_cost).exists():  # what the planner uses: the whole job's CPU side, not one thread
+        rates["job"] = round(1000 / json.loads(Path(args.cpu_cost).read_text())["cpu_side_ms_per_clip"], 1)
     rows = []
     for gpu, tflops in GPU_PEAK_TFLOPS.items():
         gpu_windows = tflops * 1e12 * args.mfu / per_window
         rows.append({"gpu": gpu, "peak_tflops": tflops, "gpu_windows_per_s": round(gpu_windows, 1),
                      **{f"cores_{fmt.lower()}": round(gpu_windows / rate, 1) for fmt, rate in rates.items()}})
     print(f"FLOPs per 10 s window: AST {flops['ast'] / 1e9:.1f} G, CLAP audio {flops['clap_audio'] / 1e9:.1f} G; "
-          f"MFU assumed {args.mfu}; feature clips/s per core: "
+          f"MFU {args.mfu}; feature clips/s per core: "
           + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
     header = f"{'GPU':<10}{'peak TFLOP/s':>13}{'windows/s':>11}" + "".join(f"{'cores ' + f:>12}" for f in rates)
     print(header)

@@ -24,18 +24,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "local path or fsspec URI (s3://, gs://, az://, http(s)://)")
     p.add_argument("--output", required=True,
                    help="output root; Parquet parts go to OUTPUT/clips/RUN_ID/ and OUTPUT/segments/RUN_ID/, "
-                        "the commit manifest to OUTPUT/_commits/RUN_ID.json, the summary to OUTPUT/_runs/")
+                        "the Delta tables OUTPUT/clips and OUTPUT/segments, the run manifest to OUTPUT/_commits/RUN_ID.json, the summary to OUTPUT/_runs/")
     p.add_argument("--ast-model", default=DEFAULT_AST, help="AST checkpoint: hub id or local directory")
     p.add_argument("--clap-model", default=DEFAULT_CLAP, help="CLAP checkpoint: hub id or local directory")
     p.add_argument("--top-k", type=int, default=5, help="labels kept per clip and per segment")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows per model actor call (default: 32 on CPU, 256 on GPU)")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help="windows per forward pass (default: 1 on CPU, 8 on GPU); fixed and zero-padded so "
+                   help="windows per forward pass (default: 1 on CPU, 128 on GPU); fixed and zero-padded so "
                         "results never depend on batching")
     p.add_argument("--hop", type=float, default=10.0, help="seconds between window starts (0 < hop <= 10)")
     p.add_argument("--num-gpus", default="auto",
                    help="GPU share per model actor: auto (0.5 when the cluster has GPUs, else CPU), 0, or F")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="model precision, part of the settings: auto is bf16 when the models get GPUs (weights "
+                        "cast, no autocast), else fp32; fp32 keeps parity with the HF float32 reference within "
+                        "1e-4; a rerun with another precision reprocesses every file (README, Reruns)")
     p.add_argument("--ast-actors", type=int, default=None, help="AST actor pool size (default from GPUs, else 1)")
     p.add_argument("--clap-actors", type=int, default=None, help="CLAP actor pool size (default as AST)")
     p.add_argument("--zero-shot", metavar="LABELS_FILE",
@@ -44,6 +48,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt template for --zero-shot; {label} is replaced by each label")
     p.add_argument("--flush-every", type=float, default=60.0,
                    help="seconds between part-file writes; bounds the work a killed run loses")
+    p.add_argument("--max-error-rate", type=float, default=None, metavar="FRACTION",
+                   help="exit 1 when more than this fraction of the processed files are error rows (their rows "
+                        "are still written and committed); a run whose processed files all failed for a "
+                        "transient reason exits 1 whatever this is")
+    p.add_argument("--rows-per-file", type=int, default=20_000,
+                   help="most windows per part file: the workers write a part per batch of min(this, 8 x "
+                        "--batch-size) windows; the driver's own parts (files split across batches) hold this many")
+    p.add_argument("--shard-files", type=int, default=100_000,
+                   help="files per commit: the listing streams and each shard of this many new or changed files "
+                        "is processed and committed to the Delta tables before the next (a kill loses at most "
+                        "the shard in flight, and its written parts are adopted by the rerun)")
+    p.add_argument("--long-file-s", type=float, default=1200.0,
+                   help="featurize tasks reserve memory for files up to this many seconds; longer files run "
+                        "afterwards in a lane whose tasks reserve it for the longest accepted file (6 h)")
+    p.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="fail the run when no stage makes progress this long (e.g. an actor that no node can "
+                        "hold) instead of waiting; -1 waits forever")
     p.add_argument("--run-id", default=None, help="name of this run (default: UTC time plus random suffix)")
     p.add_argument("--log-level", default="INFO", help="logging level")
     return p.parse_args(argv)
@@ -59,9 +80,12 @@ def main(argv=None) -> int:
             extra["zero_shot_labels"] = tuple(line.strip() for line in f if line.strip())
     cfg = TagJobConfig(input=args.input, output=args.output, ast_model=args.ast_model,
                        clap_model=args.clap_model, top_k=args.top_k, batch_size=args.batch_size,
-                       micro_batch=args.micro_batch, hop_s=args.hop, num_gpus=num_gpus,
+                       micro_batch=args.micro_batch, hop_s=args.hop, num_gpus=num_gpus, precision=args.precision,
                        ast_actors=args.ast_actors, clap_actors=args.clap_actors,
-                       flush_every_s=args.flush_every, zero_shot_prompt=args.zero_shot_prompt, **extra)
+                       flush_every_s=args.flush_every, max_error_rate=args.max_error_rate,
+                       rows_per_file=args.rows_per_file, shard_files=args.shard_files, long_file_s=args.long_file_s,
+                       stall_timeout_s=args.stall_timeout,
+                       zero_shot_prompt=args.zero_shot_prompt, **extra)
     try:
         summary = run_tag_job(cfg)
     except OutputError as e:

@@ -1,12 +1,16 @@
-"""Stage 6, aggregation on the driver: window rows (after both models) -> segments and clips rows.
+"""Stage 6, aggregation: window rows (after both models) -> segments and clips rows.
 
-Streaming: a file's state lives only until all its windows have arrived, so memory is bounded by
-the files in flight, not the corpus. Per file, scores are the max over windows, the AST embedding is
+Runs on the workers, over each batch leaving the models (pipeline/sink.py), and on the driver for the
+windows of files that were split across batches. Streaming: a file's state lives only until all its windows have arrived, so memory is bounded by
+the files in flight, not the corpus. A file is complete when it has a window for every
+segment_index in 0..num_segments-1; a window that arrives twice (a retried task) is dropped, never
+counted or written again. Per file, scores are the max over windows, the AST embedding is
 the mean of window embeddings, and the CLAP embedding is the L2-normalised mean of window embeddings.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -20,7 +24,7 @@ from schemas.tables import LABEL_TYPE
 log = logging.getLogger(__name__)
 
 FILE_COLUMNS = ("clip_id", "uri", "size_bytes", "modified", "etag", "duration_s", "sample_rate",
-                "channels", "decoder", "num_segments")
+                "channels", "decoder", "warning", "num_segments")
 
 
 def top_labels(scores: np.ndarray, names: list[str], k: int) -> list[dict]:
@@ -44,13 +48,20 @@ class ZeroShot:
         return top_labels(probs / probs.sum(), list(self.labels), k)
 
 
+PARTIAL_SCHEMA = pa.schema([
+    ("clip_id", pa.string()), ("meta", pa.string()),   # FILE_COLUMNS as JSON
+    ("scores", pa.list_(pa.float32())), ("ast_sum", pa.list_(pa.float64())), ("clap_sum", pa.list_(pa.float64())),
+    ("seen", pa.list_(pa.int32())),
+])
+
+
 @dataclass
 class _Partial:
     meta: dict
     scores: np.ndarray
     ast_sum: np.ndarray
     clap_sum: np.ndarray
-    seen: int = 0
+    seen: set[int] = field(default_factory=set)  # segment_index values accumulated
 
 
 @dataclass
@@ -62,19 +73,33 @@ class ClipAggregator:
     run_id: str
     zero_shot: "ZeroShot | None" = None
     _partial: dict[str, _Partial] = field(default_factory=dict)
+    _finished: set[str] = field(default_factory=set)  # clip_ids whose clip row was returned
 
     def add(self, batch: pa.Table) -> tuple[pa.Table, list[dict]]:
         ok = np.asarray(pc.equal(batch.column("status"), "ok").fill_null(False))
-        clips = [self._error_clip(row) for row in batch.filter(pa.array(~ok)).to_pylist()]
+        clips = []
+        for row in batch.filter(pa.array(~ok)).to_pylist():
+            if row["clip_id"] not in self._finished:
+                self._finished.add(row["clip_id"])
+                clips.append(self._error_clip(row))
         windows = batch.filter(pa.array(ok))
         scores = to_matrix(windows.column("scores"))
         ast = to_matrix(windows.column("ast_embedding"))
         clap = to_matrix(windows.column("clap_embedding"))
-        metas = windows.select(list(FILE_COLUMNS)).to_pylist()
+        metas = windows.select(list(FILE_COLUMNS) + ["segment_index"]).to_pylist()
+        new = np.ones(len(metas), dtype=bool)
         for i, meta in enumerate(metas):
-            done = self._accumulate(meta, scores[i], ast[i], clap[i])
+            index = meta.pop("segment_index")
+            partial = self._partial.get(meta["clip_id"])
+            if meta["clip_id"] in self._finished or (partial is not None and index in partial.seen):
+                new[i] = False
+                log.warning("dropped a repeated window %d of %s", index, meta["uri"])
+                continue
+            done = self._accumulate(meta, index, scores[i], ast[i], clap[i])
             if done is not None:
                 clips.append(done)
+        if not new.all():
+            windows, scores = windows.filter(pa.array(new)), scores[new]
         return self._segments(windows, scores), clips
 
     @property
@@ -82,7 +107,11 @@ class ClipAggregator:
         """Files with windows still outstanding."""
         return len(self._partial)
 
-    def _accumulate(self, meta: dict, scores, ast, clap) -> dict | None:
+    def pending_ids(self) -> list[str]:
+        """clip_ids of the files with windows still outstanding."""
+        return list(self._partial)
+
+    def _accumulate(self, meta: dict, index: int, scores, ast, clap) -> dict | None:
         p = self._partial.get(meta["clip_id"])
         if p is None:
             p = self._partial[meta["clip_id"]] = _Partial(meta, scores.copy(), ast.astype(np.float64),
@@ -91,18 +120,54 @@ class ClipAggregator:
             np.maximum(p.scores, scores, out=p.scores)
             p.ast_sum += ast
             p.clap_sum += clap
-        p.seen += 1
-        if p.seen < meta["num_segments"]:
-            return None
-        del self._partial[meta["clip_id"]]
-        clap_mean = p.clap_sum / p.seen
+        p.seen.add(index)
+        return self._finish(meta["clip_id"]) if len(p.seen) >= meta["num_segments"] else None
+
+    def _finish(self, clip_id: str) -> dict:
+        p = self._partial.pop(clip_id)
+        self._finished.add(clip_id)
+        n = len(p.seen)
+        clap_mean = p.clap_sum / n
         clap_mean /= max(np.linalg.norm(clap_mean), 1e-12)
         return {**p.meta, "status": "ok", "error": None,
                 "labels": top_labels(p.scores, self.label_names, self.top_k),
                 "zero_shot": self.zero_shot(clap_mean, self.top_k) if self.zero_shot else None,
                 "scores": p.scores.astype(np.float32),
-                "ast_embedding": (p.ast_sum / p.seen).astype(np.float32),
+                "ast_embedding": (p.ast_sum / n).astype(np.float32),
                 "clap_embedding": clap_mean.astype(np.float32), "run_id": self.run_id}
+
+    def take_partials(self) -> pa.Table | None:
+        """The running state of every pending file as PARTIAL_SCHEMA rows (max of scores, sums of
+        embeddings, segment indices seen), forgotten here: a worker hands them to the driver, whose
+        `add_partials` merges the pieces of a file from several batches (~14 KB each, not its windows)."""
+        if not self._partial:
+            return None
+        rows = [{"clip_id": c, "meta": json.dumps(p.meta), "scores": p.scores, "ast_sum": p.ast_sum,
+                 "clap_sum": p.clap_sum, "seen": sorted(p.seen)} for c, p in self._partial.items()]
+        self._partial.clear()
+        return pa.Table.from_pylist(rows, schema=PARTIAL_SCHEMA)
+
+    def add_partials(self, partials: pa.Table) -> list[dict]:
+        """Merge `take_partials` rows; returns the clip rows of the files now complete."""
+        done = []
+        for row in partials.to_pylist():
+            clip_id, seen = row["clip_id"], set(row["seen"])
+            p = self._partial.get(clip_id)
+            if clip_id in self._finished or (p is not None and p.seen & seen):
+                log.warning("dropped a repeated piece (windows %s) of %s", sorted(seen), clip_id)
+                continue
+            scores = np.asarray(row["scores"], np.float32)
+            ast, clap = np.asarray(row["ast_sum"], np.float64), np.asarray(row["clap_sum"], np.float64)
+            if p is None:
+                p = self._partial[clip_id] = _Partial(json.loads(row["meta"]), scores, ast, clap, seen)
+            else:
+                np.maximum(p.scores, scores, out=p.scores)
+                p.ast_sum += ast
+                p.clap_sum += clap
+                p.seen |= seen
+            if len(p.seen) >= p.meta["num_segments"]:
+                done.append(self._finish(clip_id))
+        return done
 
     def _error_clip(self, row: dict) -> dict:
         error = row["error"] + (f" ({row['error_detail']})" if row.get("error_detail") else "")

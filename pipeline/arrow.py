@@ -26,6 +26,46 @@ def to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return matrix
 
 
-def blobs_to_array(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
-    """Binary column of float32 buffers (all non-null) -> (rows, *shape) float32 array (a copy)."""
-    return np.stack([np.frombuffer(b, dtype=np.float32).reshape(shape) for b in column.to_pylist()])
+def blobs_from_rows(rows: np.ndarray, valid: np.ndarray) -> pa.BinaryArray:
+    """Binary column whose valid entries are the rows of `rows` (one per True in `valid`, in order) as
+    float32 buffers, and whose other entries are null. Zero-copy: the column's data buffer is `rows`."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    valid = np.asarray(valid, dtype=bool)
+    if len(rows) != int(valid.sum()):
+        raise ValueError(f"{len(rows)} feature rows for {int(valid.sum())} valid entries")
+    width = rows[0].nbytes if len(rows) else 0
+    if rows.nbytes >= 2**31:  # binary offsets are int32
+        raise ValueError(f"{rows.nbytes} bytes of features in one column chunk; the limit is 2 GiB")
+    offsets = np.zeros(len(valid) + 1, dtype=np.int32)
+    np.cumsum(valid * width, out=offsets[1:])
+    mask = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(pa.binary(), len(valid), [mask, pa.py_buffer(offsets), pa.py_buffer(rows)],
+                                 null_count=int((~valid).sum()))
+
+
+def blobs_to_array(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
+    """Binary column of float32 buffers (all non-null, each of `shape`) -> (rows, *shape) float32 array.
+
+    A chunk whose buffers lie back to back (what `blobs_from_rows` builds, after Ray's transport) is
+    read in place, read-only; only several chunks are concatenated (one copy)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    size = int(np.prod(shape)) * 4
+    parts = []
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        if chunk.null_count:
+            raise ValueError("feature column has null entries")
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32)[chunk.offset:chunk.offset + len(chunk) + 1]
+        if not (np.diff(offsets) == size).all():
+            raise ValueError(f"feature buffers are not all {size} bytes")
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        parts.append(data.view(np.float32).reshape((len(chunk),) + tuple(shape)))
+    if not parts:
+        return np.zeros((0,) + tuple(shape), np.float32)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def where(column: pa.ChunkedArray, ok: np.ndarray) -> pa.ChunkedArray:
+    """The rows of `column` where `ok`; the column itself (no copy) when every row is."""
+    return column if ok.all() else column.filter(pa.array(ok))

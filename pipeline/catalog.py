@@ -31,7 +31,7 @@ class Catalog:
         self._status = self.clips.column("status").to_pylist()
         self._labels = [_rounded(x) for x in self.clips.column("labels").to_pylist()]
         try:
-            segments = read_current(output, "segments", settings_hash)
+            segments = read_current(output, "segments", settings_hash, columns=["clip_id"] + SEGMENT_COLUMNS)
         except LookupError:  # every file failed: no windows at all
             segments = None
         self.segments, self._spans = _group(segments)

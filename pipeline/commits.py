@@ -1,11 +1,12 @@
 """Run commits and the "current table": what a reader should see, and what a rerun may skip.
 
-A run writes part files under OUTPUT/<table>/<run_id>/ as it goes, then commits by writing one
-manifest, OUTPUT/_commits/<run_id>.json, naming every part file it vouches for. Readers that go
-through `read_current` see committed parts only, so a run that died is invisible. A rerun adopts the
-complete part files of a dead run with the same settings (they were renamed into place only when
-complete), so the work done before the kill is not redone; each clip row appears in exactly one
-committed part of the current settings.
+A run's workers write part files under OUTPUT/<table>/<run_id>/ as it goes; at the end the driver
+commits them to the Delta tables OUTPUT/clips and OUTPUT/segments (pipeline/delta.py: the current
+table, what any reader sees), then writes the run's manifest, OUTPUT/_commits/<run_id>.json, naming
+every part file it vouches for (the ledger of all runs, also of earlier settings). A run that died is
+invisible. A rerun adopts the complete part files of a dead run with the same settings (they were
+renamed into place only when complete), so the work done before the kill is not redone; each clip has
+exactly one row in the current table.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 
 import fsspec
 import numpy as np
@@ -20,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import delta
 from pipeline.writer import METADATA_KEY, OutputError, remove_quietly
 
 log = logging.getLogger(__name__)
@@ -27,8 +30,16 @@ log = logging.getLogger(__name__)
 TABLES = ("clips", "segments")
 IDENTITY = ["clip_id", "size_bytes", "modified", "etag"]
 # Errors that say nothing about a file's content: a rerun tries those files again even if unchanged.
+# A decoder killed from outside (the kernel's OOM killer, a node shutting down) looks like a crash, so
+# crashes and out-of-memory are retried too; a file that really crashes the decoder costs one retry per run.
 TRANSIENT_ERRORS = ("storage error reading file", "permission denied reading file",
-                    "permission denied listing directory", "file not found", "decoding timed out")
+                    "permission denied listing directory", "file not found", "decoding timed out",
+                    "decoder crashed", "out of memory decoding file")
+
+
+def is_transient(error: str | None) -> bool:
+    """Whether an error row's reason ("reason" or "reason (detail)") is retried by the next run."""
+    return bool(error) and error.startswith(TRANSIENT_ERRORS)
 
 
 def _root(output: str):
@@ -77,10 +88,12 @@ def _committed_paths(output: str, commits: list[dict], table: str) -> list[str]:
 
 
 def orphan_parts(output: str, settings_hash: str) -> dict[str, list[str]]:
-    """Complete part files of runs that never committed, written with `settings_hash`."""
+    """Complete part files of runs that never committed, written with `settings_hash`. Files in the
+    Delta tables count as committed (a run that died between its Delta commit and its manifest)."""
     fs, root = _root(output)
     commits = read_commits(output)
     committed = {p for t in TABLES for p in _committed_paths(output, commits, t)}
+    committed |= {p for t in TABLES for p in delta.data_files(output, t)}
     found = {}
     for table in TABLES:
         paths = [p for p in fs.glob(f"{root}/{table}/*/part-*.parquet") if p not in committed]
@@ -102,27 +115,60 @@ def _read_parts(fs, paths: list[str], columns: list[str] | None = None) -> pa.Ta
     return pa.concat_tables(tables) if tables else None
 
 
-def done_files(output: str, settings_hash: str, extra_parts: list[str] = ()) -> pa.Table | None:
-    """IDENTITY columns of clip rows already produced with `settings_hash` (committed or adopted),
-    except rows whose error is transient (TRANSIENT_ERRORS): those files are tried again."""
+def committed_identity(output: str, settings_hash: str, batch_rows: int = 262_144) -> Iterator[pa.RecordBatch]:
+    """IDENTITY and error columns of the current table's clip rows (the Delta table OUTPUT/clips) in
+    record batches, if they were produced with `settings_hash`; nothing when the table has other
+    settings or does not exist."""
+    dt = delta.open_table(output, "clips")
+    if dt is None or delta.table_settings(dt) != settings_hash:
+        return
+    yield from delta.iter_batches(output, "clips", IDENTITY + ["error"], batch_rows, dt)
+
+
+def parts_identity(output: str, paths: list[str]) -> pa.Table | None:
+    """IDENTITY and error columns of the clip rows in these part files (e.g. adopted ones)."""
     fs, _ = _root(output)
-    commits = [c for c in read_commits(output) if c["settings_hash"] == settings_hash]
-    done = _read_parts(fs, _committed_paths(output, commits, "clips") + list(extra_parts), IDENTITY + ["error"])
+    return _read_parts(fs, list(paths), IDENTITY + ["error"])
+
+
+def not_transient(done: pa.Table | None) -> pa.Table | None:
+    """IDENTITY columns of the rows that need no retry: all but those whose error is transient
+    (TRANSIENT_ERRORS; those files are tried again)."""
     if done is None:
         return None
-    errors = done.column("error")  # "reason" or "reason (detail)"
+    errors = done.column("error")  # "reason" or "reason (detail)"; vectorised twin of is_transient
     transient = pa.array(np.zeros(len(done), dtype=bool))
     for reason in TRANSIENT_ERRORS:
         transient = pc.or_(transient, pc.fill_null(pc.starts_with(errors, reason), False))
     return done.filter(pc.invert(transient)).select(IDENTITY)
 
 
-def read_current(output: str, table: str = "clips", settings_hash: str | None = None) -> pa.Table:
-    """The latest committed row per clip (clips), or that row's windows (segments).
+def done_files(output: str, settings_hash: str, extra_parts: list[str] = ()) -> pa.Table | None:
+    """IDENTITY columns of clip rows already produced with `settings_hash` (in the current table, or in
+    `extra_parts`, e.g. adopted ones), except rows whose error is transient."""
+    tables = [pa.Table.from_batches([b]) for b in committed_identity(output, settings_hash)]
+    tables += [t for t in [parts_identity(output, extra_parts)] if t is not None]
+    return not_transient(pa.concat_tables(tables)) if tables else None
 
-    Only runs with the newest commit's settings (or `settings_hash`) count, so results of different
-    models or feature settings are never mixed.
+
+def read_current(output: str, table: str = "clips", settings_hash: str | None = None,
+                 columns: list[str] | None = None) -> pa.Table:
+    """The current row per clip (clips), or that row's windows (segments), sorted by clip_id (then
+    segment_index); only `columns` if given.
+
+    That is the Delta table OUTPUT/<table> (pipeline/delta.py). Results of other settings
+    (`settings_hash` not the table's) come from the run manifests: the latest committed row per clip
+    among runs with those settings, so results of different settings are never mixed.
     """
+    dt = delta.open_table(output, "clips")
+    if dt is not None and settings_hash in (None, delta.table_settings(dt)):
+        keys = ["clip_id"] + (["segment_index"] if table == "segments" else [])
+        read = None if columns is None else list(columns) + [k for k in keys if k not in columns]
+        rows = delta.read_table(output, table, read)
+        if rows is None:
+            raise LookupError(f"no current {table} rows under {output}")
+        rows = rows.sort_by([(k, "ascending") for k in keys])
+        return rows if columns is None else rows.select(columns)
     commits = read_commits(output)
     if not commits:
         raise FileNotFoundError(f"no committed runs under {output}")
@@ -142,11 +188,12 @@ def read_current(output: str, table: str = "clips", settings_hash: str | None = 
     first[1:] = ids[1:] != ids[:-1]
     current = clips.filter(pa.array(first)).drop_columns(["_rank"])
     if table == "clips":
-        return current
+        return current.select(columns) if columns else current
     segments = _read_parts(fs, _committed_paths(output, commits, "segments"))
     if segments is None:
         raise LookupError(f"no committed segment rows with settings {settings_hash} under {output}")
     keys = pc.binary_join_element_wise(current.column("clip_id"), current.column("run_id"), "/")
     seg_keys = pc.binary_join_element_wise(segments.column("clip_id"), segments.column("run_id"), "/")
     segments = segments.filter(pc.is_in(seg_keys, keys))
-    return segments.sort_by([("clip_id", "ascending"), ("segment_index", "ascending")])
+    segments = segments.sort_by([("clip_id", "ascending"), ("segment_index", "ascending")])
+    return segments.select(columns) if columns else segments

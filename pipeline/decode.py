@@ -22,6 +22,11 @@ import soxr
 log = logging.getLogger(__name__)
 
 
+# Not an error of the file: the reason a short-file featurize task gives back a file that is longer than
+# its memory reservation allows (pipeline/featurize.py); the job then runs that file in the long-file lane.
+LONG_FILE = "longer than this lane takes"
+
+
 class DecodeError(Exception):
     """The file is not usable audio; `reason` is meant for the output table and the summary."""
 
@@ -40,6 +45,7 @@ class DecodeConfig:
     max_duration_s: float = 6 * 3600.0
     resample_quality: str = "HQ"
     timeout_s: float | None = 600.0   # per file; a decoder that hangs this long gives an error row
+    lane_s: float | None = None       # a longer file raises DecodeError(LONG_FILE): another lane takes it
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class Audio:
     source_rate: int
     channels: int
     decoder: str
+    warning: str | None = None   # usable audio with a defect, e.g. a body shorter than its header
 
 
 class Decoder:
@@ -63,17 +70,23 @@ class Decoder:
         if not data:
             raise DecodeError("empty file", "0 bytes")
         with _deadline(self.config.timeout_s):
-            mono, rate, channels, decoder = _decode(data, self.config.max_duration_s)
+            mono, rate, channels, decoder, declared = _decode(data, self.config.max_duration_s, self.config.lane_s)
         if len(mono) == 0:
             raise DecodeError("no audio samples", "header only or zero-length stream")
         duration_s = len(mono) / rate
         if duration_s < self.config.min_duration_s:
             raise DecodeError("audio too short",
                               f"{duration_s * 1000:.1f} ms, minimum {self.config.min_duration_s * 1000:.0f} ms")
-        if not np.isfinite(mono).all():  # NaN or inf in any channel survives the mean
+        if not _all_finite(mono):  # NaN or inf in any channel survives the mean
             raise DecodeError("audio contains NaN or infinite sample values")
         waves = {r: self._resample(mono, rate, r) for r in self.config.rates}
-        return Audio(waves, duration_s, rate, channels, decoder)
+        return Audio(waves, duration_s, rate, channels, decoder, _shortfall(len(mono), declared, rate))
+
+    def decode_file(self, uri: str) -> Audio:
+        """Read `uri` (pipeline/storage.py: storage errors are DecodeErrors) and decode it."""
+        from pipeline.storage import read_bytes  # storage imports this module
+
+        return self(read_bytes(uri))
 
     def _resample(self, mono: np.ndarray, rate: int, target: int) -> np.ndarray:
         if rate == target:
@@ -107,6 +120,12 @@ def _deadline(seconds: float | None):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether no sample is NaN or infinite. A finite sum proves it in one pass without a mask array;
+    a non-finite sum (NaN, inf, or finite samples summing past float32's range) gets the full check."""
+    return bool(np.isfinite(x.sum())) or bool(np.isfinite(x).all())
 
 
 def _downmix(samples: np.ndarray) -> np.ndarray:
@@ -146,18 +165,42 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.1f} s"
 
 
-def _decode(data: bytes, max_duration_s: float) -> tuple[np.ndarray, int, int, str]:
-    """Mono float32 samples, source rate in Hz, source channels, decoder name.
+# A body that decodes to fewer frames than the header declares is kept (the audio there is usable) and
+# flagged. Counts from a WAV data chunk are exact; libsndfile's and FFmpeg's counts for compressed
+# formats may be off by encoder delay and padding (two MP3 frames) or, for FFmpeg, estimated (1%).
+SHORT_BODY = "body shorter than header declares"
+
+
+@dataclass(frozen=True)
+class Declared:
+    """Frames the header declares, and how many fewer may decode without meaning damage."""
+
+    frames: int
+    tolerance: int = 0
+
+
+def _shortfall(decoded: int, declared: Declared | None, rate: int) -> str | None:
+    if declared is None or decoded >= declared.frames - declared.tolerance:
+        return None
+    return f"{SHORT_BODY}: {decoded / rate:.2f} s decoded of {declared.frames / rate:.2f} s"
+
+
+def _decode(data: bytes, max_duration_s: float, lane_s: float | None = None,
+            ) -> tuple[np.ndarray, int, int, str, Declared | None]:
+    """Mono float32 samples, source rate in Hz, source channels, decoder name, declared length.
 
     Both decoders work block by block and downmix each block, so a many-channel or very long file is
     never held with all its channels, and a file longer than `max_duration_s` is refused before it is
-    decoded (from its header) or as soon as it passes the limit (decompression bombs stay small).
+    decoded (from its header) or as soon as it passes the limit (decompression bombs stay small). A
+    file longer than `lane_s` raises DecodeError(LONG_FILE) the same way.
     """
     try:
-        return (*_decode_soundfile(data, max_duration_s), "soundfile")
+        mono, rate, channels, declared = _decode_soundfile(data, max_duration_s, lane_s)
+        return mono, rate, channels, "soundfile", declared
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, EOFError) as sf_error:
         try:
-            return (*_decode_pyav(data, max_duration_s), "pyav")
+            mono, rate, channels, declared = _decode_pyav(data, max_duration_s, lane_s)
+            return mono, rate, channels, "pyav", declared
         except DecodeError:
             raise
         except Exception as av_error:  # PyAV raises many FFmpeg error types; all mean "cannot decode"
@@ -165,15 +208,20 @@ def _decode(data: bytes, max_duration_s: float) -> tuple[np.ndarray, int, int, s
                               f"libsndfile: {_short(sf_error)}; ffmpeg: {_short(av_error)}") from av_error
 
 
-def _decode_soundfile(data: bytes, max_duration_s: float) -> tuple[np.ndarray, int, int]:
+def _decode_soundfile(data: bytes, max_duration_s: float, lane_s: float | None,
+                      ) -> tuple[np.ndarray, int, int, Declared]:
     with sf.SoundFile(io.BytesIO(data)) as f:
         rate, channels, frames = int(f.samplerate), f.channels, f.frames
         _check_rate(rate)
         if frames > max_duration_s * rate:
             raise _too_long(frames / rate, max_duration_s, declared=True)
+        if lane_s and frames > lane_s * rate:
+            raise DecodeError(LONG_FILE, f"header declares {_hours(frames / rate)}")
+        wav = _wav_declared_frames(data, channels, f.subtype) if f.format in ("WAV", "WAVEX") else None
+        declared = Declared(wav) if wav else Declared(frames, 0 if f.format != "MP3" else 2 * 1152)
         if frames * channels * 4 <= WHOLE_READ_BYTES:
             samples = f.read(frames, dtype="float32", always_2d=True)
-            return _downmix(samples), rate, channels
+            return _downmix(samples), rate, channels, declared
         mono = np.empty(frames, dtype=np.float32)
         filled = 0
         while filled < frames:
@@ -182,10 +230,30 @@ def _decode_soundfile(data: bytes, max_duration_s: float) -> tuple[np.ndarray, i
                 break
             mono[filled:filled + len(block)] = _downmix(block)
             filled += len(block)
-    return mono[:filled], rate, channels
+    return mono[:filled], rate, channels, declared
 
 
-def _decode_pyav(data: bytes, max_duration_s: float) -> tuple[np.ndarray, int, int]:
+_SAMPLE_BYTES = {"PCM_U8": 1, "PCM_S8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4,
+                 "FLOAT": 4, "DOUBLE": 8}
+
+
+def _wav_declared_frames(data: bytes, channels: int, subtype: str) -> int | None:
+    """Frames the RIFF `data` chunk declares (libsndfile silently clamps its count to the bytes present);
+    None when unknown: a compressed subtype, or a streaming writer's placeholder size (0 or 0xFFFFFFFF)."""
+    width = _SAMPLE_BYTES.get(subtype)
+    if width is None or data[:4] != b"RIFF":
+        return None
+    pos = 12
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4:pos + 8], "little")
+        if data[pos:pos + 4] == b"data":
+            return None if size in (0, 0xFFFFFFFF) else size // (width * channels)
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _decode_pyav(data: bytes, max_duration_s: float, lane_s: float | None,
+                 ) -> tuple[np.ndarray, int, int, Declared | None]:
     import av
 
     with av.open(io.BytesIO(data), mode="r") as container:
@@ -207,13 +275,19 @@ def _decode_pyav(data: bytes, max_duration_s: float) -> tuple[np.ndarray, int, i
                 total += len(chunks[-1])
             if total > limit:
                 raise _too_long(total / rate, max_duration_s, declared=False)
+            if lane_s and total > lane_s * rate:
+                raise DecodeError(LONG_FILE, f"decodes to more than {_hours(lane_s)}")
 
         for frame in container.decode(stream):
             take(resampler.resample(frame))
         take(resampler.resample(None))
+        declared = None
+        if stream.duration and stream.time_base:
+            frames = int(stream.duration * stream.time_base * rate)
+            declared = Declared(frames, 2 * 1152 + frames // 100)
     if not chunks:
         raise DecodeError("no audio samples", "header only or zero-length stream")
-    return np.concatenate(chunks), int(rate), int(channels)
+    return np.concatenate(chunks), int(rate), int(channels), declared
 
 
 def _short(error: BaseException) -> str:

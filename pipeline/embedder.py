@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.arrow import blobs_to_array, fixed_list
+from pipeline.arrow import blobs_to_array, fixed_list, where
 from pipeline.checkpoints import load_clap
-from pipeline.device import Placement, run_fixed_batches
+from pipeline.device import Placement, Staging, run_fixed_batches
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class EmbedderConfig:
     feature_shape: tuple[int, int, int] = (1, 1001, 64)
     micro_batch: int = 8
     cpu_threads: int = 1
+    precision: str = "fp32"   # "fp32" or "bf16" (device.PRECISIONS), whatever the device
 
 
 class ClapEmbedder:
@@ -39,10 +40,11 @@ class ClapEmbedder:
 
     def __init__(self, config: EmbedderConfig):
         self.config = config
-        self.placement = Placement.detect(config.cpu_threads)
-        self.model = load_clap(config.source).to(self.placement.device)
+        self.placement = Placement.detect(config.cpu_threads, config.precision)
+        self.staging = Staging(self.placement)
+        self.model = self.placement.prepare(load_clap(config.source))
         self.dim = self.model.config.projection_dim
-        log.info("CLAP %s loaded on %s", config.source, self.placement.device)
+        log.info("CLAP %s loaded on %s (%s)", config.source, self.placement.device, self.placement.precision)
 
     def _forward(self, features):
         is_longer = torch.zeros((features.shape[0], 1), dtype=torch.bool, device=features.device)
@@ -51,14 +53,15 @@ class ClapEmbedder:
 
     def embed(self, features: np.ndarray) -> np.ndarray:
         """(N, channels, frames, mels) log-mels -> (N, dim) normalised embeddings."""
-        (embeddings,) = run_fixed_batches(self._forward, features, self.config.micro_batch, self.placement)
+        (embeddings,) = run_fixed_batches(self._forward, features, self.config.micro_batch, self.placement,
+                                          self.staging)
         return embeddings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.asarray(pc.equal(batch.column("status"), "ok").fill_null(False))
         embeddings = np.zeros((len(batch), self.dim), np.float32)
         if ok.any():
-            features = blobs_to_array(batch.column("clap_features").filter(pa.array(ok)),
+            features = blobs_to_array(where(batch.column("clap_features"), ok),
                                       self.config.feature_shape)
             embeddings[ok] = self.embed(features)
         batch = batch.drop_columns(["clap_features"])

@@ -7,8 +7,8 @@ The fbank is computed here rather than through `kaldi.fbank`, which rebuilds its
 call, computes an energy column it then drops, takes |X|^2 through a slow complex abs, and multiplies by
 the mostly-zero mel matrix densely. Every step up to and including the FFT is the same float32 torch
 operation, in the same order, on the same layout as torchaudio's, so the spectrum is bitwise
-identical; only the power (re^2 + im^2) and the non-negative mel sums round differently, a relative
-error of a few float32 ulps (log-mel within ~1.2e-7 of the reference).
+identical (tests/test_features.py checks it); only the power (re^2 + im^2) and the non-negative mel sums
+round differently, a relative error of a few float32 ulps (log-mel within ~1.2e-7 of the reference).
 """
 
 from __future__ import annotations
@@ -70,17 +70,27 @@ class AstFbank:
         self._banks = MelBands(torch.nn.functional.pad(banks, (0, 1)).T)
         self._window = torch.hann_window(self.frame_length, periodic=False)
 
-    def __call__(self, wave: np.ndarray) -> np.ndarray:
+    def __call__(self, wave: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Features of one window, written into `out` ((max_length, num_mel_bins) float32) if given."""
         c = self.config
         logmel = self.log_mel(wave)
-        out = np.zeros((c.max_length, c.num_mel_bins), dtype=np.float32)
+        if out is None:
+            out = np.empty((c.max_length, c.num_mel_bins), dtype=np.float32)
         out[:len(logmel)] = logmel.numpy()
-        if c.do_normalize:
-            out = (out - c.mean) / (c.std * 2)
-        return out.astype(np.float32, copy=False)
+        out[len(logmel):] = 0.0
+        if c.do_normalize:  # in place: the same float32 values as (out - mean) / (2 * std)
+            out -= c.mean
+            out /= c.std * 2
+        return out
 
     def log_mel(self, wave: np.ndarray) -> torch.Tensor:
         """(frames, num_mel_bins) natural-log mel energies of at most `max_length` frames."""
+        spec = torch.view_as_real(self._spectrum(wave))
+        power = spec[..., 0].square().add_(spec[..., 1].square())
+        return self._banks(power).clamp_min_(_EPSILON).log_()
+
+    def _spectrum(self, wave: np.ndarray) -> torch.Tensor:
+        """(frames, fft_length // 2 + 1) complex64 spectrum of at most `max_length` frames."""
         w = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
         if len(w) < self.frame_length:
             raise ValueError(f"{len(w)} samples is shorter than one {self.frame_length}-sample frame")
@@ -92,6 +102,4 @@ class AstFbank:
         torch.sub(x[:, 1:], _PREEMPHASIS * x[:, :-1], out=pre[:, 1:])
         torch.sub(x[:, :1], _PREEMPHASIS * x[:, :1], out=pre[:, :1])
         pre.mul_(self._window)
-        spec = torch.view_as_real(torch.fft.rfft(padded))
-        power = spec[..., 0].square().add_(spec[..., 1].square())
-        return self._banks(power).clamp_min_(_EPSILON).log_()
+        return torch.fft.rfft(padded)

@@ -326,9 +326,9 @@ def _build_ann(store: VectorStore, ann: AnnConfig):
 
 
 def _current_with_duration(output: str, settings_hash: str) -> dict[str, pa.Table]:
-    clips = read_current(output, "clips", settings_hash)
+    clips = read_current(output, "clips", settings_hash, columns=COLUMNS["clips"] + ["status"])
     clips = clips.filter(pc.equal(clips.column("status"), "ok"))
-    segments = read_current(output, "segments", settings_hash)
+    segments = read_current(output, "segments", settings_hash, columns=COLUMNS["segments"])
     durations = dict(zip(clips.column("clip_id").to_pylist(), clips.column("duration_s").to_pylist()))
     segments = segments.append_column(
         "duration_s", pa.array([durations.get(c) for c in segments.column("clip_id").to_pylist()], pa.float64()))

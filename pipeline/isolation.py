@@ -2,8 +2,10 @@
 killed for memory) on a hostile file, costs that file an error row, not the Ray worker and the job.
 
 `IsolatedDecoder(config)(data)` sends the file's bytes over a pipe to a long-lived child running
-`Decoder(config)` and gets back the `Audio` (or the DecodeError's reason); waveforms come back as raw
-float32 bytes read straight into their arrays, so a long file is not copied through pickle. The whole exchange runs
+`Decoder(config)` and gets back the `Audio` (or the DecodeError's reason); `decode_file(uri)` sends
+only the path of a local file, which the child reads itself (its bytes never cross the pipe). Waveforms
+come back as raw float32 bytes read straight into their arrays, so a long file is not copied through
+pickle; the pipes hold 1 MiB where the system allows (Linux default 64 KiB: ~40 wake-ups per 10 s clip). The whole exchange runs
 in a helper thread; the caller waits at most `timeout_s + grace_s` seconds, then kills the child,
 answers "decoding timed out", and the next file gets a fresh child. The child's own SIGALRM deadline
 (`timeout_s`) still handles slow Python-level decoding without a restart. One child per worker
@@ -12,6 +14,7 @@ process and config; the child exits when its pipe closes (the worker ended).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -26,8 +29,12 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from pipeline.decode import Audio, DecodeConfig, DecodeError, Decoder
+from pipeline.storage import plain_path, read_bytes
 
 log = logging.getLogger(__name__)
+
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; Python >= 3.10 names it
+PIPE_BYTES = 1 << 20
 
 
 class IsolatedDecoder:
@@ -47,6 +54,16 @@ class IsolatedDecoder:
     def __call__(self, data: bytes) -> Audio:
         if not data:
             raise DecodeError("empty file", "0 bytes")
+        return self._exchange(("bytes", len(data)), data)
+
+    def decode_file(self, uri: str) -> Audio:
+        """Read and decode `uri`: a plain local path is read by the child; anything else is read here
+        (fsspec, with retries) and its bytes sent. Storage errors are DecodeErrors either way."""
+        if not plain_path(uri):
+            return self(read_bytes(uri))
+        return self._exchange(("path", uri), None)
+
+    def _exchange(self, request: tuple, data: bytes | None) -> Audio:
         if self._proc is None or self._proc.poll() is not None:
             self._start()
         reply: dict = {}
@@ -54,7 +71,9 @@ class IsolatedDecoder:
 
         def exchange() -> None:
             try:
-                conn.send_bytes(data)
+                conn.send(request)
+                if data is not None:
+                    conn.send_bytes(data)
                 reply["answer"] = conn.recv()
                 if reply["answer"][0] == "ok":
                     reply["waves"] = {rate: conn.recv_array(length) for rate, length in reply["answer"][2]}
@@ -87,6 +106,11 @@ class IsolatedDecoder:
              json.dumps(asdict(self.config))], pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL)
         os.close(child_r)
         os.close(child_w)
+        for fd in (parent_r, parent_w):
+            try:
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:  # above /proc/sys/fs/pipe-max-size for this user: keep the default
+                pass
         self._conn = _Duplex(parent_r, parent_w)
         log.debug("decoder child %d started", self._proc.pid)
 
@@ -176,20 +200,23 @@ def _serve(read_fd: int, write_fd: int, config: DecodeConfig) -> None:
     conn, decoder = _Duplex(read_fd, write_fd), Decoder(config)
     while True:
         try:
-            data = conn.recv_bytes()
+            kind, what = conn.recv()
+            data = conn.recv_bytes() if kind == "bytes" else None
         except (EOFError, OSError):
             return
         try:
+            if data is None:
+                data = read_bytes(what)
             audio = decoder(data)
         except DecodeError as e:
             conn.send(("error", (e.reason, e.detail)))
             continue
         except MemoryError:
-            conn.send(("error", ("out of memory decoding file", f"{len(data)} bytes in")))
+            conn.send(("error", ("out of memory decoding file", f"{len(data or b'')} bytes in")))
             continue
         del data
         meta = {"duration_s": audio.duration_s, "source_rate": audio.source_rate, "channels": audio.channels,
-                "decoder": audio.decoder}
+                "decoder": audio.decoder, "warning": audio.warning}
         conn.send(("ok", meta, [(rate, len(wave)) for rate, wave in audio.waves.items()]))
         for wave in audio.waves.values():
             conn.send_array(np.ascontiguousarray(wave, dtype=np.float32))

@@ -1,7 +1,7 @@
-"""The tagging job: list -> featurize (CPU tasks) -> AST actors -> CLAP actors -> aggregate -> Parquet.
+"""The tagging job: list -> featurize (CPU tasks) -> AST actors -> CLAP actors -> aggregate + write (tasks).
 
-`build_dataset` is the Ray Data chain; `run_tag_job` lists inputs, runs the chain, streams its output
-through the aggregator into the writers on the driver, and writes the run summary.
+`build_dataset` is the Ray Data chain; `run_tag_job` lists inputs, runs the chain, collects the part files
+the workers wrote (and finishes the few files split across their batches), commits, and writes the summary.
 """
 
 from __future__ import annotations
@@ -17,22 +17,30 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
+from ray.data.exceptions import ExecutionTimeoutError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import pipeline
-from pipeline.aggregate import ClipAggregator, ZeroShot, clips_table
-from pipeline.commits import IDENTITY, commit, done_files, orphan_parts
+from pipeline.aggregate import ZeroShot
+from pipeline.commits import commit, committed_identity, not_transient, orphan_parts, parts_identity
+from pipeline.delta import publish
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
+from pipeline.device import resolve_precision
 from pipeline.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.features_ast import AstFbankConfig
 from pipeline.features_clap import ClapMelConfig
-from pipeline.featurize import Featurize, FeaturizeConfig
-from pipeline.resources import ResourcePlan, plan_resources
-from pipeline.sources import ListingConfig, list_inputs
+from pipeline.featurize import Featurize, FeaturizeConfig, task_memory_bytes
+from pipeline.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
+from pipeline.keyset import KeySet, split_digests
+from pipeline.skip import DoneSet
+from pipeline.sources import FILE_SCHEMA, ListingConfig, iter_inputs
 from pipeline.summary import RunSummary
 from pipeline.tagger import AstTagger, TaggerConfig
 from pipeline.windows import WindowConfig
-from pipeline.writer import PartWriter, check_writable
+from pipeline.sink import Collector, SinkConfig, WriteResults
+from pipeline.writer import check_writable
 from schemas import SCHEMA_VERSION, clips_schema, segments_schema
 
 log = logging.getLogger(__name__)
@@ -49,14 +57,20 @@ class TagJobConfig:
     top_k: int = 5
     batch_size: int | None = None  # windows per model actor call; None: 32 on CPU, 256 on GPU (resources.py)
     micro_batch: int | None = None  # windows per forward pass (fixed shape: batch-independent results);
-                                    # None: 1 on CPU, 8 on GPU (resources.py)
+                                    # None: 1 on CPU, 128 on GPU (resources.py)
     hop_s: float = 10.0
     num_gpus: str | float = "auto"
+    precision: str = "auto"  # "fp32", "bf16", or "auto": bf16 when the model actors get GPUs, else fp32
     ast_actors: int | None = None
     clap_actors: int | None = None
     windows_per_block: int = 16
+    long_file_s: float = 1200.0   # featurize tasks reserve memory for files this long; longer ones run
+                                  # afterwards in a lane that reserves it for DecodeConfig.max_duration_s
     rows_per_file: int = 20_000
+    shard_files: int = 100_000    # files per commit: the listing streams, the driver holds one shard
     flush_every_s: float = 60.0   # bounds the work a killed run loses
+    stall_timeout_s: float = 600.0  # fail (not wait) when the Ray Data execution makes no progress this long
+    max_error_rate: float | None = None  # fraction of processed files; more errors fail the run (exit 1)
     zero_shot_labels: tuple[str, ...] = ()
     zero_shot_prompt: str = "This is a sound of {label}."
     run_id: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).strftime(
@@ -85,48 +99,88 @@ def model_stages(cfg: TagJobConfig, plan: ResourcePlan) -> ModelStages:
     featurize = FeaturizeConfig(windows=WindowConfig(hop_s=cfg.hop_s), ast=ast_fb, clap=clap_mel,
                                 windows_per_block=cfg.windows_per_block)
     micro_batch = cfg.micro_batch or plan.micro_batch
+    precision = resolve_precision(cfg.precision, plan.gpus_per_actor > 0)
     tagger = TaggerConfig(cfg.ast_model, ast_fb.max_length, ast_fb.num_mel_bins, micro_batch,
-                          plan.ast_threads)
+                          plan.ast_threads, precision)
     embedder = EmbedderConfig(cfg.clap_model, (clap_mel.channels, clap_mel.num_frames, clap_mel.num_mel_bins),
-                              micro_batch, plan.clap_threads)
+                              micro_batch, plan.clap_threads, precision)
     return ModelStages(featurize, tagger, embedder)
 
 
-def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batch_size: int) -> ray.data.Dataset:
-    """The pipeline as one Ray Data chain over a table of input files."""
-    per_block = max(1, min(64, math.ceil(len(files) / 256)))
+@dataclass(frozen=True)
+class Lane:
+    """Files up to `max_s` seconds long, featurized by tasks that reserve `memory` bytes each."""
+
+    max_s: float | None   # None: up to DecodeConfig.max_duration_s
+    memory: int
+
+
+def lanes(cfg: TagJobConfig, featurize: FeaturizeConfig) -> tuple[Lane, Lane]:
+    """The short-file lane every file starts in, and the long-file lane for those it hands back. Both
+    reservations are capped at 0.9x the largest node's Ray memory, so their tasks always get placed
+    (long files one or a few at a time) instead of waiting forever."""
+    largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    short, long = (task_memory_bytes(featurize, s) for s in (cfg.long_file_s, featurize.decode.max_duration_s))
+    if largest and short > 0.9 * largest:
+        log.warning("the largest node offers Ray %.2f GB of memory, less than a featurize task may hold for a "
+                    "%g s file (%.2f GB): lower --long-file-s or use bigger nodes", largest / 1e9,
+                    cfg.long_file_s, short / 1e9)
+    cap = int(0.9 * largest) if largest else max(short, long)
+    return Lane(cfg.long_file_s, min(short, cap)), Lane(None, min(long, cap))
+
+
+def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batch_size: int,
+                  lane: Lane | None = None, sink: SinkConfig | None = None, sink_batch: int = 256) -> ray.data.Dataset:
+    """The pipeline as one Ray Data chain over a table of input files: window rows with model outputs, or
+    with `sink`, one SINK_SCHEMA row per batch of `sink_batch` windows the workers aggregated and wrote."""
+    # Files per featurize task: each task costs Ray scheduling, a fresh unpickled stage and a memory
+    # poll thread; ~8 tasks per CPU still balances the tail. At most 16 (tasks stream their blocks).
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+    per_block = max(1, min(16, math.ceil(len(files) / (8 * cpus))))
     blocks = [files.slice(i, per_block) for i in range(0, len(files), per_block)]
-    return (
+    memory = {"memory": lane.memory} if lane else {}
+    # model actors stay on this node while it lives (a plan whose fractional shares fit only together)
+    pinned = {"scheduling_strategy": NodeAffinitySchedulingStrategy(plan.node, soft=True)} if plan.node else {}
+    dataset = (
         ray.data.from_arrow(blocks)
-        # ray_remote_args_fn keeps Ray from fusing this CPU stage into the AST actors (it fuses when the
-        # resources match), which would run every decode in the few model actors, one at a time
-        .map_batches(Featurize(stages.featurize), batch_format="pyarrow", batch_size=None, num_cpus=1,
-                     ray_remote_args_fn=_spread)
+        # tasks, spread over the nodes (Ray Data's default scheduling strategy)
+        .map_batches(Featurize(stages.featurize, lane.max_s if lane else None), batch_format="pyarrow",
+                     batch_size=None, num_cpus=1, **memory)
+        # The model actors' own runtime env (MODEL_ENV) also keeps Ray from fusing the featurize tasks
+        # into them (it fuses when remote args match), which would decode in the few model actors
         .map_batches(AstTagger, fn_constructor_args=(stages.tagger,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.ast_cpus, num_gpus=plan.gpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(size=plan.ast_actors))
+                     compute=ray.data.ActorPoolStrategy(size=plan.ast_actors), runtime_env=MODEL_ENV, **pinned)
         .map_batches(ClapEmbedder, fn_constructor_args=(stages.embedder,), batch_format="pyarrow",
                      batch_size=batch_size, num_cpus=plan.clap_cpus, num_gpus=plan.gpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(size=plan.clap_actors))
+                     compute=ray.data.ActorPoolStrategy(size=plan.clap_actors), runtime_env=MODEL_ENV, **pinned)
     )
+    if sink is None:
+        return dataset
+    # short tasks (aggregate ~7 KB per window, write two zstd Parquet parts); their own remote args keep
+    # them out of the CLAP actors, whose next batch they would otherwise delay
+    return dataset.map_batches(WriteResults(sink), batch_format="pyarrow", batch_size=sink_batch, num_cpus=0.25)
 
 
-def _spread() -> dict:
-    """Featurize tasks spread over the cluster's nodes."""
-    return {"scheduling_strategy": "SPREAD"}
+# OpenMP threads of idle model actors sleep instead of spinning: with spinning, a tiny model at 2 threads
+# on a busy 2-core machine burnt 235 ms of CPU per window instead of 11 (BENCHMARKS.md, CPU cost).
+MODEL_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
-def run_metadata(cfg: TagJobConfig, stages: ModelStages) -> dict:
+def run_metadata(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan) -> dict:
     """What produced the output: models, feature settings, versions, and a hash of all that decides
     the results (a rerun with another hash reprocesses every file)."""
     features = {"featurize": _jsonable(asdict(stages.featurize)), "micro_batch": stages.tagger.micro_batch}
     models = {"ast": describe(cfg.ast_model).to_dict(), "clap": describe(cfg.clap_model).to_dict()}
     settings = {"features": features, "models": models, "top_k": cfg.top_k, "schema": SCHEMA_VERSION,
+                "precision": stages.tagger.precision,
                 "zero_shot": [list(cfg.zero_shot_labels), cfg.zero_shot_prompt] if cfg.zero_shot_labels else None}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    # the device is informative only: fp32 on a GPU matches fp32 on CPU within the parity bounds
+    compute = {"precision": stages.tagger.precision, "device": "gpu" if plan.gpus_per_actor > 0 else "cpu"}
     return {"pipeline_version": pipeline.__version__, "schema_version": SCHEMA_VERSION, "run_id": cfg.run_id,
-            "models": models, "features": features, "settings_hash": digest, "top_k": cfg.top_k,
-            "zero_shot": settings["zero_shot"]}
+            "models": models, "features": features, "compute": compute, "settings_hash": digest,
+            "top_k": cfg.top_k, "zero_shot": settings["zero_shot"]}
 
 
 def _jsonable(value):
@@ -146,21 +200,25 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     check_writable(cfg.output)
     if not ray.is_initialized():
         ray.init()
-    summary = RunSummary(cfg.run_id)
-    plan = plan_resources(ray.cluster_resources(), cfg.num_gpus, cfg.ast_actors, cfg.clap_actors)
+    summary = RunSummary(cfg.run_id, cfg.max_error_rate)
+    plan = plan_resources(node_shapes(), cfg.num_gpus, cfg.ast_actors, cfg.clap_actors)
     stages = model_stages(cfg, plan)
-    metadata = run_metadata(cfg, stages)
+    metadata = run_metadata(cfg, stages, plan)
     _warn_untrained(metadata)
-    listed = list_inputs(ListingConfig(cfg.input))
-    adopted = orphan_parts(cfg.output, metadata["settings_hash"])
-    files = _new_or_changed(listed, done_files(cfg.output, metadata["settings_hash"], adopted["clips"]))
-    summary.files_seen, summary.skipped_unchanged = len(listed), len(listed) - len(files)
+    settings = metadata["settings_hash"]
+    adopted = orphan_parts(cfg.output, settings)
     summary.adopted_parts = sum(len(v) for v in adopted.values())
-    if not len(files):
-        log.info("nothing new to process: all %d listed files are unchanged since a committed run", len(listed))
-    writers = _tag(files, cfg, stages, plan, metadata, summary) if len(files) else {}
-    parts = {t: adopted[t] + (writers[t].files if writers else []) for t in adopted}
-    commit(cfg.output, cfg.run_id, metadata["settings_hash"], parts)
+    skip = SkipCheck.build(cfg.output, settings, adopted["clips"])
+    shards = 0
+    for files in _shards(iter_inputs(ListingConfig(cfg.input)), skip, cfg.shard_files, summary):
+        written = _tag(files, cfg, stages, plan, metadata, summary)
+        first = {t: adopted[t] if not shards else [] for t in adopted}
+        _commit_shard(cfg, settings, {t: first[t] + written[t] for t in adopted}, skip.replaced(files.column("clip_id")),
+                      shards)
+        shards += 1
+    if not shards:
+        log.info("nothing new to process: all %d listed files are unchanged since a committed run", summary.files_seen)
+        _commit_shard(cfg, settings, adopted, skip.replaced(pa.array([], pa.string())), 0)
     summary.finish()
     summary.log()
     try:
@@ -170,36 +228,87 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     return summary.to_dict()
 
 
+def _shards(chunks, skip: "SkipCheck", shard_files: int, summary: RunSummary):
+    """Tables of up to `shard_files` new or changed files, from listing chunks as they arrive."""
+    pending, held = [], 0
+    for chunk in chunks:
+        todo = skip.new_or_changed(chunk)
+        summary.files_seen += len(chunk)
+        summary.skipped_unchanged += len(chunk) - len(todo)
+        pending.append(todo)
+        held += len(todo)
+        while held >= shard_files:
+            table = pa.concat_tables(pending)
+            yield table.slice(0, shard_files)
+            pending, held = [table.slice(shard_files)], held - shard_files
+    if held:
+        yield pa.concat_tables(pending)
+
+
+def _commit_shard(cfg: TagJobConfig, settings: str, parts: dict[str, list[str]], replaced: pa.Array,
+                  shard: int) -> None:
+    """Make a shard's parts the current rows (Delta commit, replacing older rows of `replaced` clips),
+    then record them in the run's manifest (OUTPUT/_commits/RUN_ID.json; later shards RUN_ID.NNNNN.json)."""
+    publish(cfg.output, cfg.run_id, settings, parts, table_schemas(cfg), replaced)
+    commit(cfg.output, cfg.run_id if not shard else f"{cfg.run_id}.{shard:05d}", settings, parts)
+
+
 def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: dict,
-         summary: RunSummary) -> dict[str, PartWriter]:
-    """Run the dataset over `files`, aggregate on the fly and write part files; returns the writers."""
-    names = label_names(cfg.ast_model)
-    dims = (len(names), _hidden(cfg.ast_model), _projection(cfg.clap_model))
-    clips_out = PartWriter(cfg.output, "clips", cfg.run_id, clips_schema(*dims), metadata, cfg.rows_per_file)
-    segments_out = PartWriter(cfg.output, "segments", cfg.run_id, segments_schema(*dims), metadata,
-                              cfg.rows_per_file)
-    aggregator = ClipAggregator(names, cfg.top_k, cfg.run_id, _zero_shot(cfg))
+         summary: RunSummary) -> dict[str, list[str]]:
+    """Run the dataset over `files`; returns the part files written, by table.
+
+    The workers aggregate and write the windows of every file that is whole in a batch (pipeline/sink.py);
+    the driver only collects their part lists and summary counts, and aggregates the rare files whose
+    windows were split across batches, writing those itself."""
+    schemas = table_schemas(cfg)
+    sink = SinkConfig(cfg.output, cfg.run_id, tuple(label_names(cfg.ast_model)), cfg.top_k, schemas["segments"],
+                      schemas["clips"], json.dumps(metadata, sort_keys=True), _zero_shot(cfg))
+    collector = Collector(sink, summary, cfg.rows_per_file)
     last_flush = time.monotonic()
-    for batch in build_dataset(files, stages, plan, cfg.batch_size or plan.batch_size).iter_batches(
-            batch_format="pyarrow", batch_size=None):
-        segments, clips = aggregator.add(batch)
-        segments_out.write(segments)
-        if clips:
-            clips_out.write(clips_table(clips, clips_out.schema))
-            for clip in clips:
-                summary.count(clip)
-        if time.monotonic() - last_flush > cfg.flush_every_s:
-            # segments first: a clip row in a complete part always has its windows in complete parts
-            segments_out.flush()
-            clips_out.flush()
-            last_flush = time.monotonic()
-    if aggregator.pending:
-        raise RuntimeError(f"{aggregator.pending} files never received all their windows")
-    segments_out.flush()
-    clips_out.flush()
-    if clips_out.rows_written != len(files):
-        raise RuntimeError(f"wrote {clips_out.rows_written} clip rows for {len(files)} input files")
-    return {"clips": clips_out, "segments": segments_out}
+    short, long = lanes(cfg, stages.featurize)
+    log.info("featurize tasks reserve %.2f GB for files up to %g s; longer files run afterwards, "
+             "reserving %.2f GB each", short.memory / 1e9, short.max_s, long.memory / 1e9)
+    batch_size = cfg.batch_size or plan.batch_size
+    todo = files
+    for lane in (short, long):
+        dataset = build_dataset(todo, stages, plan, batch_size, lane, sink, min(cfg.rows_per_file, 8 * batch_size))
+        for batch in _stream(dataset, cfg.stall_timeout_s, plan):
+            collector.add(batch)
+            if time.monotonic() - last_flush > cfg.flush_every_s:
+                collector.flush()
+                last_flush = time.monotonic()
+        if not collector.handed_back:
+            break
+        todo = _files(pa.concat_tables(collector.handed_back))
+        collector.handed_back = []
+        log.info("%d files are longer than %g s: featurizing them in the long-file lane", len(todo), short.max_s)
+    parts = collector.finish()
+    if collector.clip_rows != len(files):
+        raise RuntimeError(f"wrote {collector.clip_rows} clip rows for {len(files)} input files")
+    return parts
+
+
+def _stream(dataset: ray.data.Dataset, stall_timeout_s: float, plan: ResourcePlan):
+    """The dataset's output batches; a stall (no operator made progress for `stall_timeout_s`, e.g. an
+    actor or task that can never be scheduled) fails the job with the plan and the free resources."""
+    dataset.context.execution_no_progress_timeout_s = stall_timeout_s
+    try:
+        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+    except ExecutionTimeoutError as e:
+        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        raise PlacementError(f"the job made no progress for {stall_timeout_s:g} s and was stopped rather than "
+                             f"left waiting. Resource plan: {plan}. Nodes: {_describe_nodes()}. Free now: "
+                             f"{free}. Ray Data said: {e}") from e
+
+
+def _describe_nodes() -> str:
+    return "; ".join(f"{n['node_id'][:12]} CPU {n.get('CPU', 0):g} GPU {n.get('GPU', 0):g}" for n in node_shapes())
+
+
+def _files(handed_back: pa.Table) -> pa.Table:
+    """FILE_SCHEMA rows of the files a lane handed back as too long for it."""
+    files = handed_back.select([n for n in FILE_SCHEMA.names if n != "listing_error"])
+    return files.append_column("listing_error", pa.nulls(len(files), pa.string()))
 
 
 def _zero_shot(cfg: TagJobConfig) -> ZeroShot | None:
@@ -212,13 +321,60 @@ def _zero_shot(cfg: TagJobConfig) -> ZeroShot | None:
     return ZeroShot(tuple(cfg.zero_shot_labels), encoder(texts), encoder.logit_scale)
 
 
+def table_schemas(cfg: TagJobConfig) -> dict[str, pa.Schema]:
+    """The clips and segments schemas for these checkpoints' label count and embedding widths."""
+    dims = (len(label_names(cfg.ast_model)), _hidden(cfg.ast_model), _projection(cfg.clap_model))
+    return {"segments": segments_schema(*dims), "clips": clips_schema(*dims)}
+
+
+def _concat(*tables: pa.Table | None) -> pa.Table | None:
+    present = [t for t in tables if t is not None]
+    return pa.concat_tables(present) if present else None
+
+
+class SkipCheck:
+    """What a run may skip and what its commits replace, read once from the current table (streamed in
+    record batches) and from adopted parts: the identities of done files (DoneSet, 16 B each) and the
+    clip_ids that have a row in the current table (16 B each)."""
+
+    def __init__(self, done: DoneSet, current: KeySet, adopted_ids: pa.Array):
+        self.done, self.current, self.adopted_ids = done, current, adopted_ids
+
+    @classmethod
+    def build(cls, output: str, settings_hash: str, adopted: list[str]) -> "SkipCheck":
+        done, current = DoneSet(), KeySet()
+        for batch in committed_identity(output, settings_hash):
+            current.add(*_id_hashes(batch.column("clip_id")))
+            done.add(not_transient(pa.Table.from_batches([batch])))
+        rows = parts_identity(output, adopted)
+        if rows is not None:
+            done.add(not_transient(rows))
+        ids = rows.column("clip_id").combine_chunks() if rows is not None else pa.array([], pa.string())
+        return cls(done, current, ids)
+
+    def new_or_changed(self, listed: pa.Table) -> pa.Table:
+        return self.done.new_or_changed(listed) if len(self.done) and len(listed) else listed
+
+    def replaced(self, clip_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+        """Those of `clip_ids` (and of the adopted parts' clips) that have a row in the current table."""
+        ids = pa.chunked_array([clip_ids, self.adopted_ids], pa.string()).combine_chunks()
+        if not len(ids) or not len(self.current):
+            return ids.slice(0, 0)
+        return ids.filter(pa.array(self.current.contains(*_id_hashes(ids))))
+
+
+def _id_hashes(clip_ids) -> tuple:
+    """128-bit hashes of clip_id strings, as KeySet takes them."""
+    values = clip_ids.cast(pa.binary()).to_pylist()
+    return split_digests(b"".join(hashlib.blake2b(v, digest_size=16).digest() for v in values))
+
+
 def _new_or_changed(listed: pa.Table, done: pa.Table | None) -> pa.Table:
-    """Listed files whose (clip_id, size, modified, etag) is not among the done ones."""
+    """Listed files whose (clip_id, size, modified, etag) is not among the done ones: an anti-join on
+    128-bit hashes of the identity (skip.DoneSet, no Python object per done row); a null matches a null."""
     if done is None or not len(listed):
         return listed
-    seen = set(zip(*(done.column(c).to_pylist() for c in IDENTITY)))
-    keep = [key not in seen for key in zip(*(listed.column(c).to_pylist() for c in IDENTITY))]
-    return listed.filter(pa.array(keep, pa.bool_()))
+    return DoneSet(done).new_or_changed(listed)
 
 
 def _warn_untrained(metadata: dict) -> None:

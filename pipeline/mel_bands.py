@@ -26,7 +26,8 @@ class MelBands:
             lo, hi = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 1)
             self._groups.append((lo, hi, cols[lo:hi].contiguous()))
 
-    def __call__(self, power: torch.Tensor) -> torch.Tensor:
+    def __call__(self, power: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`power @ filters`, written into `out` ((frames, mels) float32, contiguous) if given."""
         if power.shape[-1] != self.num_bins:
             raise ValueError(f"power has {power.shape[-1]} bins, filters expect {self.num_bins}")
-        return torch.cat([torch.mm(power[:, lo:hi], w) for lo, hi, w in self._groups], dim=1)
+        return torch.cat([torch.mm(power[:, lo:hi], w) for lo, hi, w in self._groups], dim=1, out=out)

@@ -12,8 +12,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import fsspec
-
 from pipeline.decode import DecodeError
 
 log = logging.getLogger(__name__)
@@ -33,6 +31,11 @@ def read_bytes(uri: str, retry: RetryConfig = RetryConfig()) -> bytes:
     last: BaseException | None = None
     for attempt in range(1, retry.attempts + 1):
         try:
+            if plain_path(uri):  # fsspec's local file layer costs ~1 ms per 1.3 MB file over open()
+                with open(uri, "rb") as f:
+                    return f.read()
+            import fsspec  # here: the decoder child imports this module and reads local paths only
+
             with fsspec.open(uri, "rb") as f:
                 return f.read()
         except FileNotFoundError as e:
@@ -50,3 +53,8 @@ def read_bytes(uri: str, retry: RetryConfig = RetryConfig()) -> bytes:
                 time.sleep(delay)
     raise DecodeError("storage error reading file",
                       f"{type(last).__name__}: {last} (after {retry.attempts} attempts)") from last
+
+
+def plain_path(uri: str) -> bool:
+    """A local path that `open` reads exactly as fsspec would: no protocol, no chaining, no `~`."""
+    return "://" not in uri and "::" not in uri and not uri.startswith(("~", "file:"))

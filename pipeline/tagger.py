@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.arrow import blobs_to_array, fixed_list
+from pipeline.arrow import blobs_to_array, fixed_list, where
 from pipeline.checkpoints import load_ast
-from pipeline.device import Placement, run_fixed_batches
+from pipeline.device import Placement, Staging, run_fixed_batches
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class TaggerConfig:
     num_mel_bins: int = 128
     micro_batch: int = 8
     cpu_threads: int = 1
+    precision: str = "fp32"   # "fp32" or "bf16" (device.PRECISIONS), whatever the device
 
 
 class AstTagger:
@@ -40,11 +41,12 @@ class AstTagger:
 
     def __init__(self, config: TaggerConfig):
         self.config = config
-        self.placement = Placement.detect(config.cpu_threads)
-        self.model = load_ast(config.source).to(self.placement.device)
+        self.placement = Placement.detect(config.cpu_threads, config.precision)
+        self.staging = Staging(self.placement)
+        self.model = self.placement.prepare(load_ast(config.source))
         self.num_labels = self.model.config.num_labels
         self.hidden = self.model.config.hidden_size
-        log.info("AST %s loaded on %s", config.source, self.placement.device)
+        log.info("AST %s loaded on %s (%s)", config.source, self.placement.device, self.placement.precision)
 
     def _forward(self, features):
         pooled = self.model.audio_spectrogram_transformer(features).pooler_output
@@ -56,9 +58,9 @@ class AstTagger:
         pooled = np.zeros((len(batch), self.hidden), np.float32)
         if ok.any():
             shape = (self.config.num_frames, self.config.num_mel_bins)
-            features = blobs_to_array(batch.column("ast_features").filter(pa.array(ok)), shape)
+            features = blobs_to_array(where(batch.column("ast_features"), ok), shape)
             scores[ok], pooled[ok] = run_fixed_batches(self._forward, features, self.config.micro_batch,
-                                                       self.placement)
+                                                       self.placement, self.staging)
         batch = batch.drop_columns(["ast_features"])
         batch = batch.append_column("scores", fixed_list(scores, ok))
         return batch.append_column("ast_embedding", fixed_list(pooled, ok))

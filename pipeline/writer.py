@@ -1,8 +1,12 @@
 """Stage 7, writing: validated Parquet part files under OUTPUT/<table>/<run_id>/.
 
-Rows are buffered and written `rows_per_file` at a time. Each part is written under a name starting
-with "_" (which pyarrow, pandas and DuckDB's hive readers skip) and renamed when complete, so a reader
-never sees a half-written file. The schema is checked before every write (schemas.validate_table).
+Rows are buffered; a part file is written only when the caller flushes. Each part is written under a
+name starting with "_" (which pyarrow, pandas and DuckDB's hive readers skip) and renamed when
+complete, so a reader never sees a half-written file. The schema is checked before every write
+(schemas.validate_table). `RunWriters` owns a run's segments and clips writers and is the one place
+that flushes them, always segments first: a complete clips part never names a clip whose windows are
+still only in memory (a crash between the two flushes leaves windows without a clip, which a rerun
+redoes, never a clip without its windows).
 """
 
 from __future__ import annotations
@@ -40,19 +44,24 @@ class PartWriter:
         self._buffered = 0
 
     def write(self, table: pa.Table) -> None:
+        """Buffer `table` (schema-checked now); it reaches storage at the next `flush`."""
         if len(table):
             validate_table(table, self.schema)
             self._buffer.append(table)
             self._buffered += len(table)
-        if self._buffered >= self.rows_per_file:
-            self.flush()
 
-    def flush(self) -> None:
+    @property
+    def full(self) -> bool:
+        """The buffer holds a part file's worth of rows."""
+        return self._buffered >= self.rows_per_file
+
+    def flush(self, name: str | None = None) -> None:
+        """Write the buffered rows as one part file, named `name`.parquet (default part-NNNNN)."""
         if not self._buffered:
             return
         table = pa.concat_tables(self._buffer).replace_schema_metadata(self.schema.metadata)
         validate_table(table, self.schema)
-        name = f"part-{len(self.files):05d}.parquet"
+        name = f"{name or f'part-{len(self.files):05d}'}.parquet"
         final, temp = f"{self.directory}/{name}", f"{self.directory}/_tmp-{name}"
         try:
             self.fs.makedirs(self.directory, exist_ok=True)
@@ -67,6 +76,29 @@ class PartWriter:
         self.rows_written += len(table)
         log.debug("wrote %d rows to %s", len(table), final)
         self._buffer, self._buffered = [], 0
+
+
+class RunWriters:
+    """The segments and clips writers of one run, flushed together, segments first."""
+
+    def __init__(self, segments: PartWriter, clips: PartWriter):
+        self.segments, self.clips = segments, clips
+
+    def write(self, segments: pa.Table, clips: pa.Table | None) -> None:
+        """Buffer a batch's finished windows and clips; flush both when either is full."""
+        self.segments.write(segments)
+        if clips is not None:
+            self.clips.write(clips)
+        if self.segments.full or self.clips.full:
+            self.flush()
+
+    def flush(self) -> None:
+        # segments first: every clip row in a complete part has all its windows in complete parts
+        self.segments.flush()
+        self.clips.flush()
+
+    def parts(self) -> dict[str, list[str]]:
+        return {"clips": self.clips.files, "segments": self.segments.files}
 
 
 def check_writable(output: str) -> None:

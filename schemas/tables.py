@@ -1,4 +1,4 @@
-"""Parquet schemas of the tagging job's two tables, `clips` and `segments` (version 1).
+"""Parquet schemas of the tagging job's two tables, `clips` and `segments` (version 2).
 
 Embedding and score widths depend on the checkpoints, so the schemas are built from those widths.
 `validate_table` is the explicit write-time check: pyarrow's own casting silently drops unknown columns
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: clips.warning
 
 LABEL_TYPE = pa.list_(pa.struct([pa.field("label", pa.string(), nullable=False),
                                  pa.field("score", pa.float32(), nullable=False)]))
@@ -31,6 +31,7 @@ def clips_schema(num_labels: int, ast_dim: int, clap_dim: int) -> pa.Schema:
         pa.field("uri", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),          # "ok" or "error"
         pa.field("error", pa.string()),                            # reason, null when ok
+        pa.field("warning", pa.string()),                          # ok but flawed: "reason: detail"
         pa.field("size_bytes", pa.int64()),
         pa.field("modified", pa.string()),                         # ISO-8601 UTC, from storage
         pa.field("etag", pa.string()),

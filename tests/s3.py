@@ -4,11 +4,14 @@ chosen requests the way object stores do (503 SlowDown), for the storage tests."
 from __future__ import annotations
 
 import http.client
+import json
 import socket
+import subprocess
+import sys
+import time
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from moto.server import ThreadedMotoServer
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
@@ -21,28 +24,94 @@ def free_port() -> int:
 
 
 class MotoS3:
-    """moto's S3 server on 127.0.0.1; `endpoint` is its URL."""
+    """moto's S3 server on 127.0.0.1, in its own process; `endpoint` is its URL.
+
+    Its own process, not a thread of the test's: delta-rs holds the GIL while it waits for a response,
+    so a server thread in the same process could not answer (the request times out)."""
 
     def __init__(self):
         self.port = free_port()
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
 
     def __enter__(self):
-        self.server.start()
+        _forget_s3_filesystems()
+        self._proc = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
+                                       "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port, self._proc)
         return self
 
     def __exit__(self, *exc):
-        self.server.stop()
+        self._proc.kill()
+        self._proc.wait()
+        _forget_s3_filesystems()
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server for port {port} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s:g} s")
+
+
+def _forget_s3_filesystems() -> None:
+    """fsspec caches S3 filesystems by their arguments, not by the endpoint they read from the
+    environment: one bound to a stopped server would otherwise serve the next test's s3:// URLs."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 class FlakyProxy:
     """Forwards HTTP to `upstream`; GETs whose path contains a `fail_always` marker always get 503, and
-    the first `fail_first` GETs of each other object under `prefix` get 503 before succeeding."""
+    the first `fail_first` GETs of each other object under `prefix` get 503 before succeeding. Runs in
+    its own process (see MotoS3); `failed` and `gets` count requests by path."""
 
     def __init__(self, upstream_port: int, prefix: str, fail_first: int = 1, fail_always: str = "cursed"):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._args = [str(self.port), str(upstream_port), prefix, str(fail_first), fail_always]
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def failed(self) -> dict[str, int]:
+        return self._stats()["failed"]
+
+    @property
+    def gets(self) -> dict[str, int]:
+        return self._stats()["gets"]
+
+    def _stats(self) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("GET", STATS_PATH)
+        stats = json.loads(conn.getresponse().read())
+        conn.close()
+        return stats
+
+    def __enter__(self):
+        self._proc = subprocess.Popen([sys.executable, "-m", "tests.s3", *self._args])
+        _wait_for_port(self.port, self._proc)
+        return self
+
+    def __exit__(self, *exc):
+        self._proc.kill()
+        self._proc.wait()
+
+
+STATS_PATH = "/__proxy_stats"
+
+
+class _ProxyServer:
+    """FlakyProxy's server, in the process `python -m tests.s3 PORT UPSTREAM PREFIX FAIL_FIRST FAIL_ALWAYS`."""
+
+    def __init__(self, port: int, upstream_port: int, prefix: str, fail_first: int, fail_always: str):
+        self.port = port
         self.failed: dict[str, int] = {}
         self.gets: dict[str, int] = {}
         lock = threading.Lock()
@@ -68,6 +137,14 @@ class FlakyProxy:
                 return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
 
             def _forward(self):
+                if self.path == STATS_PATH:
+                    with lock:
+                        data = json.dumps({"failed": proxy.failed, "gets": proxy.gets}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 body = self._body()
                 target = self.path.split("?", 1)[0]
                 if self.command == "GET":
@@ -109,9 +186,7 @@ class FlakyProxy:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
 
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
 
-    def __exit__(self, *exc):
-        self.server.shutdown()
+if __name__ == "__main__":
+    port, upstream, prefix, fail_first, fail_always = sys.argv[1:6]
+    _ProxyServer(int(port), int(upstream), prefix, int(fail_first), fail_always).server.serve_forever()

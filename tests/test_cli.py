@@ -23,7 +23,8 @@ def _run(*args, timeout=600):
 def test_help_explains_every_option():
     out = _run("jobs.tag", "--help").stdout
     for flag in ("--input", "--output", "--ast-model", "--clap-model", "--top-k", "--batch-size",
-                 "--micro-batch", "--hop", "--num-gpus", "--ast-actors", "--clap-actors", "--zero-shot", "--zero-shot-prompt", "--flush-every", "--run-id"):
+                 "--micro-batch", "--hop", "--num-gpus", "--ast-actors", "--clap-actors", "--zero-shot", "--zero-shot-prompt", "--flush-every", "--run-id",
+                 "--precision", "--max-error-rate", "--rows-per-file", "--shard-files", "--long-file-s", "--stall-timeout"):
         assert flag in out
 
 
@@ -35,3 +36,38 @@ def test_demo_job_runs_on_local_defaults(tmp_path):
     assert "UNTRAINED" in proc.stderr
     clips = pd.read_parquet(tmp_path / "output" / "clips")
     assert len(clips) == 9 and set(clips.status) == {"ok", "error"}
+
+
+def _tag(checkpoints, *args):
+    return _run("jobs.tag", "--ast-model", checkpoints["ast"], "--clap-model", checkpoints["clap"], *args)
+
+
+def test_a_run_whose_files_all_failed_for_a_transient_reason_exits_1(checkpoints, tmp_path):
+    """No gs:// backend (gcsfs) is installed: like expired credentials, every read fails. The rows are
+    written and committed (the files are retried next run), but the scheduler must see a failure."""
+    manifest = tmp_path / "files.csv"
+    manifest.write_text("uri,size_bytes,modified\n" + "".join(
+        f"gs://bucket/clip{i}.wav,100,2026-11-01T00:00:00+00:00\n" for i in range(3)))
+    proc = _tag(checkpoints, "--input", str(manifest), "--output", str(tmp_path / "out"), "--run-id", "broken")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["error"], summary["transient_errors"], summary["succeeded"]) == (3, 3, False)
+    assert summary["failure"].startswith("every one of the 3 processed files failed for a transient reason")
+    assert "storage error reading file" in summary["failure"] and "failed: every one" in proc.stderr
+    clips = pd.read_parquet(tmp_path / "out" / "clips")
+    assert len(clips) == 3 and set(clips.error.str.split(" \\(").str[0]) == {"storage error reading file"}
+
+
+def test_max_error_rate_fails_a_run_with_too_many_bad_files(checkpoints, tmp_path):
+    from tests.audio import encode, signal
+
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "good.wav").write_bytes(encode(signal(1.0, 16_000), 16_000, "WAV", "PCM_16"))
+    (corpus / "empty.wav").write_bytes(b"")
+    proc = _tag(checkpoints, "--input", str(corpus), "--output", str(tmp_path / "out"), "--max-error-rate", "0.25")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["ok"], summary["error"], summary["succeeded"]) == (1, 1, False)
+    assert summary["failure"] == "1 of 2 processed files are errors (50.0%), more than --max-error-rate 0.25"
+    assert len(pd.read_parquet(tmp_path / "out" / "clips")) == 2  # committed all the same

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.decode import DecodeConfig, DecodeError, Decoder
+from pipeline.decode import LONG_FILE, DecodeConfig, DecodeError, Decoder
 from pipeline.storage import read_bytes
-from tests.audio import BROKEN_REASONS, broken_files, encode, signal
+from tests.audio import BROKEN_REASONS, broken_files, encode, encode_m4a, signal
 
 BROKEN = broken_files()
 REASONS = BROKEN_REASONS
@@ -23,16 +23,37 @@ def test_broken_input_has_a_reason(name):
     assert "0x" not in str(info.value), "no object addresses in user-facing reasons"
 
 
-@pytest.mark.parametrize("name,decoder,seconds", [
-    ("m4a_named.wav", "pyav", 1.5), ("fifty_ms.wav", "soundfile", 0.05),
-    ("truncated.mp3", "soundfile", None), ("truncated_body.wav", "soundfile", None),
+@pytest.mark.parametrize("name,decoder,seconds,warning", [
+    ("m4a_named.wav", "pyav", 1.5, None), ("fifty_ms.wav", "soundfile", 0.05, None),
+    ("truncated.mp3", "soundfile", None, "body shorter than header declares: 0.89 s decoded of 3.00 s"),
+    ("truncated_body.wav", "soundfile", None, "body shorter than header declares: 0.03 s decoded of 2.00 s"),
 ])
-def test_damaged_but_decodable_input_gives_audio(name, decoder, seconds):
+def test_damaged_but_decodable_input_gives_audio(name, decoder, seconds, warning):
     audio = Decoder()(BROKEN[name])
     assert audio.decoder == decoder
     assert audio.waves[16_000].dtype == np.float32 and np.isfinite(audio.waves[48_000]).all()
     if seconds:
         assert audio.duration_s == pytest.approx(seconds, abs=0.06)
+    assert audio.warning == warning
+
+
+@pytest.mark.parametrize("fmt,subtype,channels", [
+    ("WAV", "PCM_16", 1), ("WAV", "PCM_24", 6), ("WAV", "FLOAT", 2), ("WAV", "PCM_U8", 1),
+    ("FLAC", None, 2), ("OGG", None, 1), ("MP3", None, 2)])
+def test_complete_files_carry_no_warning(fmt, subtype, channels):
+    data = encode(signal(3.3, 22_050, channels, seed=3), 22_050, fmt, subtype)
+    assert Decoder()(data).warning is None
+    if fmt == "WAV":  # the same file cut in its body is flagged
+        assert Decoder()(data[: len(data) * 2 // 3]).warning.startswith("body shorter than header declares")
+
+
+def test_a_lane_hands_back_files_longer_than_it_takes():
+    lane = Decoder(DecodeConfig(lane_s=20.0))
+    for data in (encode(signal(21.0, 8_000), 8_000, "FLAC"), encode_m4a(signal(21.0, 8_000), 8_000)):
+        with pytest.raises(DecodeError) as info:
+            lane(data)
+        assert info.value.reason == LONG_FILE
+    assert lane(encode(signal(19.0, 8_000), 8_000, "FLAC")).duration_s == 19.0
 
 
 def test_stereo_is_downmixed_by_mean_and_resampled_to_both_rates():

@@ -124,6 +124,30 @@ def test_mel_bands_equal_the_dense_product():
         np.testing.assert_allclose(ours, power.astype(np.float64) @ filters, rtol=1e-5)
 
 
+def test_ast_spectrum_is_bitwise_torchaudios():
+    """Up to the FFT our framing (DC offset, pre-emphasis, window, zero padding) is kaldi.fbank's,
+    bitwise; an extractor used before gives what a fresh one gives."""
+    import torch
+    import torchaudio.compliance.kaldi as kaldi
+
+    fbank = AstFbank(AstFbankConfig())
+    waves = [signal(s, 16_000, seed=i)[:, 0] for i, s in enumerate((10.24, 0.05, 12.0, 3.0))]
+    waves += [_hard_signal(name, 16_000, 10.24) for name in ("dc", "tone_full_scale", "near_silent_noise")]
+    for wave in waves:
+        frames, _ = kaldi._get_window(torch.from_numpy(wave), 512, 400, 160, "hanning", 0.42, True, True,
+                                      1.0, 0.0, True, 0.97)
+        assert torch.equal(fbank._spectrum(wave), torch.fft.rfft(frames)[:1024])
+        np.testing.assert_array_equal(fbank(wave), AstFbank(AstFbankConfig())(wave))
+
+
+def test_clap_mel_buffers_do_not_leak_between_windows():
+    mel = ClapMel(ClapMelConfig())
+    waves = [signal(s, 48_000, seed=i)[:, 0] for i, s in enumerate((10.0, 0.3, 4.0))]
+    for wave in waves + waves[::-1]:
+        np.testing.assert_array_equal(mel([wave]), ClapMel(ClapMelConfig())([wave]))
+    np.testing.assert_array_equal(mel.log_mel(waves[1]).numpy(), ClapMel(ClapMelConfig())([waves[1]])[0, 0])
+
+
 def test_clap_mel_batch_equals_single(extractors):
     _, mel = extractors
     waves = [signal(s, 48_000, seed=i)[:, 0] for i, s in enumerate((0.3, 4.0, 10.0))]

@@ -14,10 +14,15 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 
 from pipeline.commits import read_commits, read_current
 from pipeline.job import TagJobConfig, run_tag_job
+from pipeline.writer import METADATA_KEY
 from tests.audio import encode, signal as make_signal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,9 +69,16 @@ def test_rerun_skips_unchanged_and_processes_new_and_changed(job):
     assert set(segments.clip_id) == set(current.clip_id)
     assert (segments.groupby("clip_id").size() == current.set_index("clip_id").num_segments).all()
 
-    sql = duckdb_current_sql(out)
-    rows = duckdb.sql(sql).fetchall()
+    # a plain Delta reader (no code of ours) sees the same current table: one row per clip
+    plain = DeltaTable(str(out / "clips")).to_pandas()
+    assert sorted(zip(plain.clip_id, plain.run_id)) == sorted(zip(current.clip_id, current.run_id))
+    plain_segments = DeltaTable(str(out / "segments")).to_pandas()
+    assert sorted(zip(plain_segments.clip_id, plain_segments.segment_index)) == sorted(
+        zip(segments.clip_id, segments.segment_index))
+    rows = duckdb_current(out)
     assert sorted((r[0], r[1]) for r in rows) == sorted(zip(current.clip_id, current.run_id))
+    width = len(current.clap_embedding.iloc[0])
+    assert duckdb.sql(f"SELECT clap_embedding::FLOAT[{width}] AS e FROM plain LIMIT 1").fetchall()
 
 
 def test_changing_a_setting_reprocesses_everything(job):
@@ -78,25 +90,64 @@ def test_changing_a_setting_reprocesses_everything(job):
     assert changed["processed"] == 2 and changed["skipped_unchanged"] == 0
     current = read_current(str(out)).to_pandas()
     assert set(current.run_id) == {"h5"} and set(current.num_segments) == {2}
+    assert set(DeltaTable(str(out / "clips")).to_pandas().run_id) == {"h5"}, "a plain reader sees one settings"
+    assert set(DeltaTable(str(out / "segments")).to_pandas().run_id) == {"h5"}
     old = read_commits(str(out))[0]["settings_hash"]
     assert set(read_current(str(out), settings_hash=old).to_pandas().run_id) == {"h10"}
 
 
-def duckdb_current_sql(out: Path) -> str:
-    """The README's DuckDB query for the current clips table (kept in one place: README.md)."""
+def duckdb_current(out: Path) -> list[tuple]:
+    """The README's DuckDB query for the current clips table (kept in one place: README.md). DuckDB's
+    delta extension cannot be downloaded here, so `delta_scan('OUTPUT/clips')` reads the same Delta
+    table through the deltalake package's Arrow dataset (the files its log names)."""
     text = (REPO / "README.md").read_text()
     sql = text.split("```sql current-clips\n", 1)[1].split("```", 1)[0]
-    return sql.replace("OUTPUT", str(out))
+    current_clips = DeltaTable(str(out / "clips")).to_pyarrow_dataset()  # noqa: F841 (DuckDB reads it by name)
+    return duckdb.sql(sql.replace("delta_scan('OUTPUT/clips')", "current_clips")).fetchall()
 
 
-def _tag_process(corpus: Path, out: Path, checkpoints: dict, run_id: str) -> subprocess.Popen:
+def _tag_process(corpus: Path, out: Path, checkpoints: dict, run_id: str, *args: str,
+                 module: str = "jobs.tag") -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jobs.tag", "--input", str(corpus), "--output", str(out),
+    cmd = [sys.executable, "-m", module, "--input", str(corpus), "--output", str(out),
            "--ast-model", checkpoints["ast"], "--clap-model", checkpoints["clap"], "--batch-size", "2",
-           "--flush-every", "0", "--run-id", run_id]
+           "--flush-every", "0", "--run-id", run_id, *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
+
+
+def _assert_every_clip_whole(out: Path, files: int) -> pd.DataFrame:
+    """The current table has each file once, and every ok clip exactly its num_segments windows."""
+    current = read_current(str(out)).to_pandas()
+    assert len(current) == files and current.clip_id.is_unique and set(current.status) == {"ok"}
+    segments = read_current(str(out), "segments").to_pandas()
+    indices = segments.groupby("clip_id").segment_index.apply(sorted)
+    for clip in current.itertuples():
+        assert indices.get(clip.clip_id) == list(range(clip.num_segments)), (clip.uri, indices.get(clip.clip_id))
+    return current
+
+
+def test_crash_right_after_a_clips_part_loses_no_windows(checkpoints, tmp_path):
+    """Part files are written when a buffer of --rows-per-file fills, not only on the timer: the clips
+    part of a flush must never land before the windows of its clips (segments first, every time)."""
+    corpus, out = tmp_path / "in", tmp_path / "out"
+    corpus.mkdir()
+    for i in range(12):
+        _write(corpus, f"f{i:02d}.wav", 15.0, seed=i)  # two windows each
+    crashed = _tag_process(corpus, out, checkpoints, "crashed", "--flush-every", "100000", "--rows-per-file", "3",
+                           module="tests.crash_after_clips_part")
+    _, stderr = crashed.communicate(timeout=600)
+    assert crashed.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
+    assert list((out / "clips" / "crashed").glob("part-*.parquet")) and not (out / "_commits").exists()
+
+    rerun = _tag_process(corpus, out, checkpoints, "rerun")
+    stdout, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr.decode()[-3000:]
+    summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert summary["adopted_parts"] >= 1 and summary["skipped_unchanged"] >= 1
+    current = _assert_every_clip_whole(out, 12)
+    assert {"crashed", "rerun"} <= set(current.run_id)
 
 
 def test_killed_driver_then_rerun_gives_every_file_once(checkpoints, tmp_path):
@@ -122,35 +173,133 @@ def test_killed_driver_then_rerun_gives_every_file_once(checkpoints, tmp_path):
     logging.getLogger(__name__).info("rerun after kill: %s", summary)
     assert summary["skipped_unchanged"] >= 2 and summary["adopted_parts"] >= 2
     assert summary["processed"] + summary["skipped_unchanged"] == 40
-    current = read_current(str(out)).to_pandas()
-    assert len(current) == 40 and current.clip_id.is_unique and set(current.status) == {"ok"}
+    current = _assert_every_clip_whole(out, 40)
     assert {"killed", "rerun"} <= set(current.run_id)
-    segments = read_current(str(out), "segments").to_pandas()
-    assert len(segments) == 40 and segments.clip_id.is_unique
 
 
 def test_killed_worker_mid_run_loses_nothing(job):
+    """The CLAP actor is killed once the first clips are written and while most are provably still to
+    come (parts are flushed after every batch of 2 windows, so written rows trail the actor by little)."""
     corpus, out, run = job
     for i in range(12):
-        _write(corpus, f"f{i:02d}.wav", 3.0, seed=i)
-    killed = []
+        _write(corpus, f"f{i:02d}.wav", 25.0, seed=i)  # three windows each
+    parts = out / "clips" / "worker-killed"
+    killed = {}
 
-    def kill_an_actor():
-        deadline = time.time() + 120
+    def clips_written() -> int:
+        return sum(pq.read_metadata(p).num_rows for p in parts.glob("part-*.parquet"))
+
+    def kill_the_clap_actor_mid_run():
+        deadline = time.time() + 300
         while time.time() < deadline and not killed:
+            before = clips_written()
             ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-            for line in ps.splitlines():
-                if "MapBatches(ClapEmbedder)" in line and "ray::" in line:
-                    os.kill(int(line.split()[0]), signal.SIGKILL)
-                    killed.append(line)
-                    break
-            time.sleep(0.2)
+            actors = [int(line.split()[0]) for line in ps.splitlines()
+                      if "MapBatches(ClapEmbedder)" in line and "ray::" in line]
+            if before >= 1 and actors:
+                os.kill(actors[0], signal.SIGKILL)
+                killed.update(before=before, after=clips_written())
+            time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_an_actor, daemon=True)
+    killer = threading.Thread(target=kill_the_clap_actor_mid_run, daemon=True)
     killer.start()
-    summary = run("worker-killed", batch_size=2)
+    summary = run("worker-killed", batch_size=2, flush_every_s=0.0)
     killer.join()
-    assert killed, "no CLAP actor process was found to kill"
+    assert killed, "the CLAP actor was never seen after the first clips were written"
+    assert killed["after"] <= 8, f"kill landed too late to prove anything: {killed}"
     assert summary["ok"] == 12
+    _assert_every_clip_whole(out, 12)
+
+
+def test_another_precision_reprocesses_and_is_never_mixed_in(job):
+    """Precision is a setting: a bf16 run redoes fp32 results (and is recorded as bf16), and going back
+    to fp32 redoes them again: the current table never mixes the two. Earlier results stay readable."""
+    corpus, out, run = job
+    for i in range(2):
+        _write(corpus, f"f{i}.wav", 3.0, seed=i)
+    run("auto-cpu")  # auto on CPU is fp32
+    bf16 = run("bf16", precision="bf16")
+    assert (bf16["processed"], bf16["skipped_unchanged"]) == (2, 0)
     current = read_current(str(out)).to_pandas()
-    assert len(current) == 12 and current.clip_id.is_unique
+    assert set(current.run_id) == {"bf16"}
+    compute = {}
+    for run_id in ("auto-cpu", "bf16"):
+        part = next((out / "clips" / run_id).glob("part-*.parquet"))
+        compute[run_id] = json.loads(pq.read_schema(part).metadata[METADATA_KEY])["compute"]
+    assert compute == {"auto-cpu": {"precision": "fp32", "device": "cpu"}, "bf16": {"precision": "bf16", "device": "cpu"}}
+    fp32 = read_current(str(out), settings_hash=read_commits(str(out))[0]["settings_hash"]).to_pandas()
+    a, b = np.stack(fp32.sort_values("uri").clap_embedding), np.stack(current.sort_values("uri").clap_embedding)
+    assert not np.array_equal(a, b), "bf16 compute should not give bitwise fp32 results"
+
+    back = run("fp32-again", precision="fp32")
+    assert (back["processed"], back["skipped_unchanged"]) == (2, 0)
+    again = read_current(str(out)).to_pandas()
+    assert set(again.run_id) == {"fp32-again"} and set(DeltaTable(str(out / "clips")).to_pandas().run_id) == {"fp32-again"}
+    c = np.stack(again.sort_values("uri").clap_embedding)
+    np.testing.assert_array_equal(a, c)  # fp32 again: the same values as the first fp32 run
+
+
+def test_crashed_and_out_of_memory_decodes_are_retried_next_run(tmp_path):
+    """A decoder killed by the kernel's OOM killer looks like a crash: neither is final for a file."""
+    from pipeline.aggregate import clips_table
+    import pyarrow as pa
+
+    from pipeline.commits import done_files
+    from pipeline.delta import publish
+    from pipeline.writer import PartWriter
+    from schemas import clips_schema, segments_schema
+
+    errors = {"a": "decoder crashed (decoder process killed by SIGKILL)",
+              "b": "out of memory decoding file (12 bytes in)",
+              "c": "decoding timed out (more than 600 s)",
+              "d": "not a decodable audio file (libsndfile: ...; ffmpeg: ...)"}
+    schema = clips_schema(3, 4, 2)
+    rows = [{**{f.name: None for f in schema}, "clip_id": c, "uri": f"/{c}.wav", "status": "error", "error": e,
+             "size_bytes": 12, "modified": "2026-11-01", "num_segments": 0, "run_id": "r"} for c, e in errors.items()]
+    writer = PartWriter(str(tmp_path), "clips", "r", schema, {"settings_hash": "h"})
+    writer.write(clips_table(rows, writer.schema))
+    writer.flush()
+    publish(str(tmp_path), "r", "h", {"clips": writer.files}, {"clips": schema, "segments": segments_schema(3, 4, 2)},
+            pa.array([], pa.string()))
+    assert done_files(str(tmp_path), "h").column("clip_id").to_pylist() == ["d"]
+
+
+def test_skip_check_is_an_anti_join_on_the_identity():
+    """Unchanged files (a null etag or size matching a null) are skipped; another size, time or etag,
+    or a new id, is kept; the listing's order is kept."""
+    import pyarrow as pa
+
+    from pipeline.job import _new_or_changed
+    from pipeline.sources import FILE_SCHEMA
+
+    rows = [{"clip_id": f"c{i}", "uri": f"u{i}", "size_bytes": None if i == 3 else i, "modified": "m",
+             "etag": None if i % 2 else "e"} for i in range(7)]
+    listed = pa.Table.from_pylist(rows, schema=FILE_SCHEMA)
+    done = pa.Table.from_pylist([
+        {"clip_id": "c0", "size_bytes": 0, "modified": "m", "etag": "e"},
+        {"clip_id": "c1", "size_bytes": 1, "modified": "m", "etag": None},
+        {"clip_id": "c3", "size_bytes": None, "modified": "m", "etag": None},
+        {"clip_id": "c4", "size_bytes": 99, "modified": "m", "etag": "e"},   # changed size
+        {"clip_id": "c5", "size_bytes": 5, "modified": "m2", "etag": None},  # changed time
+        {"clip_id": "c6", "size_bytes": 6, "modified": "m", "etag": "other"},  # changed etag
+        {"clip_id": "gone", "size_bytes": 1, "modified": "m", "etag": "e"},
+    ], schema=pa.schema([FILE_SCHEMA.field(c) for c in ("clip_id", "size_bytes", "modified", "etag")]))
+    assert _new_or_changed(listed, done).column("clip_id").to_pylist() == ["c2", "c4", "c5", "c6"]
+    assert _new_or_changed(listed, None) is listed
+
+
+def test_a_run_commits_in_shards_as_its_listing_streams(job):
+    """Every --shard-files new or changed files are processed and committed (Delta table version and
+    manifest) before the next shard; the current table ends with every file once."""
+    corpus, out, run = job
+    for i in range(5):
+        _write(corpus, f"f{i}.wav", 1.0, seed=i)
+    summary = run("sharded", shard_files=2)
+    assert (summary["files_seen"], summary["ok"]) == (5, 5)
+    manifests = sorted(p.name for p in (out / "_commits").glob("*.json"))
+    assert manifests == ["sharded.00001.json", "sharded.00002.json", "sharded.json"]
+    assert [len(json.loads((out / "_commits" / m).read_text())["parts"]["clips"]) >= 1 for m in manifests] == [True] * 3
+    history = DeltaTable(str(out / "clips")).history()
+    assert len(history) == 3 and {h["audio_tagging.run_id"] for h in history} == {"sharded"}
+    current = _assert_every_clip_whole(out, 5)
+    assert set(current.run_id) == {"sharded"}

@@ -8,6 +8,7 @@ determinism across runs with different batch sizes.
 from __future__ import annotations
 
 import json
+import logging
 
 import duckdb
 import numpy as np
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from pipeline.job import TagJobConfig, run_tag_job
@@ -23,7 +25,7 @@ from pipeline.windows import sample_span
 from pipeline.writer import METADATA_KEY
 from schemas import clips_schema, segments_schema, validate_table
 from tests import reference as ref
-from tests.audio import BROKEN_REASONS, broken_files, encode, signal
+from tests.audio import BROKEN_REASONS, broken_files, encode, encode_m4a, signal
 
 GOOD = {  # name -> bytes
     "speechlike_8k.wav": encode(signal(1.2, 8_000, seed=1), 8_000, "WAV", "PCM_16"),
@@ -47,8 +49,9 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(corpus, checkpoints, tmp_path_factory, local_ray):
     out = tmp_path_factory.mktemp("out")
+    # micro-batch 4 (not the CPU default of 1), so padded forward passes are what the parity tests check
     cfg = TagJobConfig(input=str(corpus), output=str(out), ast_model=checkpoints["ast"],
-                       clap_model=checkpoints["clap"], top_k=3, batch_size=32, run_id="run-a")
+                       clap_model=checkpoints["clap"], top_k=3, batch_size=32, micro_batch=4, run_id="run-a")
     return out, run_tag_job(cfg)
 
 
@@ -72,11 +75,16 @@ def test_every_input_has_one_row_with_status_and_reason(run, corpus):
             assert row.status == "ok" and pd.isna(row.error), (name, row.error)
             assert len(row.labels) == 3 and row.num_segments >= 1
     assert by_name.loc["m4a_named.wav"].decoder == "pyav"
+    for name in names:  # cut files keep the audio that is there and say so
+        truncated = name in ("truncated.mp3", "truncated_body.wav")
+        warning = by_name.loc[name].warning
+        assert warning.startswith("body shorter than header declares") if truncated else pd.isna(warning), name
     assert by_name.loc["long_16k.flac"].num_segments == 6
     assert by_name.loc["odd_25s_48k.mp3"].num_segments == 3
     assert summary["files_seen"] == len(names) and summary["error"] == len(EXPECTED_ERRORS)
     assert summary["errors_by_reason"] == {"audio contains NaN or infinite sample values": 2, "empty file": 1,
                                            "no audio samples": 2, "not a decodable audio file": 2}
+    assert summary["warnings_by_reason"] == {"body shorter than header declares": 2}
     saved = json.loads((out / "_runs" / "run-a.json").read_text())
     assert saved == summary and saved["succeeded"]
 
@@ -131,9 +139,11 @@ def test_windows_and_clips_equal_hf_reference(run, corpus, checkpoints):
 
 
 def test_rerun_with_other_batch_sizes_is_identical(run, corpus, checkpoints, tmp_path):
+    """Run A feeds the actors up to 32 windows at a time, run B 3: B's every forward pass is a
+    micro-batch of 4 with padding, A's mostly full ones; the rows must still be bitwise equal."""
     out_a, _ = run
     cfg = TagJobConfig(input=str(corpus), output=str(tmp_path), ast_model=checkpoints["ast"],
-                       clap_model=checkpoints["clap"], top_k=3, batch_size=3, windows_per_block=2,
+                       clap_model=checkpoints["clap"], top_k=3, batch_size=3, micro_batch=4, windows_per_block=2,
                        run_id="run-b")
     run_tag_job(cfg)
     for table, keys in (("clips", ["clip_id"]), ("segments", ["clip_id", "segment_index"])):
@@ -161,3 +171,54 @@ def test_featurize_stays_a_cpu_task_stage(checkpoints, local_ray, capsys):
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(Featurize)]" in optimized
     assert "ActorPoolMapOperator[MapBatches(AstTagger)]" in optimized
+
+
+def test_featurize_tasks_reserve_the_memory_of_their_lane(checkpoints, local_ray):
+    """Short-file tasks reserve what a file of long_file_s may hold; the long-file lane reserves it for
+    the longest accepted file, capped at the largest node's memory so its tasks can always be placed."""
+    from pipeline.featurize import task_memory_bytes
+    from pipeline.job import build_dataset, lanes, model_stages
+    from pipeline.resources import ResourcePlan
+    from pipeline.sources import FILE_SCHEMA
+
+    cfg = TagJobConfig(input=".", output=".", ast_model=checkpoints["ast"], clap_model=checkpoints["clap"],
+                       long_file_s=600.0)
+    plan = ResourcePlan(1, 1, 0.0, 1.0, 1.0)
+    stages = model_stages(cfg, plan)
+    short, long = lanes(cfg, stages.featurize)
+    largest = max(n["Resources"]["memory"] for n in ray.nodes() if n["Alive"])
+    assert (short.max_s, long.max_s) == (600.0, None)
+    assert short.memory == min(task_memory_bytes(stages.featurize, 600.0), int(0.9 * largest))
+    assert 0.5e9 < short.memory < long.memory
+    assert long.memory == min(task_memory_bytes(stages.featurize, 6 * 3600.0), int(0.9 * largest))
+    files = pa.Table.from_pylist([{"clip_id": "c", "uri": "/nope.wav"}], schema=FILE_SCHEMA)
+    op = build_dataset(files, stages, plan, 8, short)._logical_plan.dag
+    while op.name != "MapBatches(Featurize)":
+        op = op.input_dependencies[0]
+    assert op.ray_remote_args["memory"] == short.memory
+
+
+def test_files_longer_than_the_short_lane_run_in_the_long_lane_with_equal_results(checkpoints, local_ray,
+                                                                                    tmp_path, caplog):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "long.flac").write_bytes(encode(signal(26.0, 16_000, seed=7), 16_000, "FLAC"))
+    (corpus / "long.m4a").write_bytes(encode_m4a(signal(24.0, 22_050, 2, seed=8), 22_050))  # PyAV: no header count
+    (corpus / "short.wav").write_bytes(encode(signal(5.0, 16_000, seed=9), 16_000, "WAV", "PCM_16"))
+    tables = {}
+    for name, long_file_s in (("one-lane", 1200.0), ("two-lanes", 20.0)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline.job"):
+            summary = run_tag_job(TagJobConfig(input=str(corpus), output=str(tmp_path / name),
+                                               ast_model=checkpoints["ast"], clap_model=checkpoints["clap"],
+                                               long_file_s=long_file_s, run_id=name))
+        assert (summary["ok"], summary["error"]) == (3, 0)
+        assert ("2 files are longer than 20 s" in caplog.text) == (name == "two-lanes")
+        tables[name] = {t: pd.read_parquet(tmp_path / name / t).sort_values(
+            ["uri"] + (["segment_index"] if t == "segments" else [])).reset_index(drop=True)
+            for t in ("clips", "segments")}
+    for table in ("clips", "segments"):
+        a, b = tables["one-lane"][table], tables["two-lanes"][table]
+        assert len(a) == len(b) == (3 if table == "clips" else 3 + 3 + 1)
+        for col in ("scores", "ast_embedding", "clap_embedding"):
+            assert all(np.array_equal(x, y) for x, y in zip(a[col], b[col])), (table, col)

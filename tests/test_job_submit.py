@@ -74,13 +74,7 @@ def test_submitted_job_succeeds_and_writes_output(head, checkpoints, tmp_path):
               "--working-dir", str(REPO), "--no-wait", "--",
               "python", "-m", "jobs.tag", "--input", str(corpus), "--output", str(out),
               "--ast-model", checkpoints["ast"], "--clap-model", checkpoints["clap"], "--run-id", "submitted"]
-    deadline = time.time() + 120
-    while True:  # the head answers before its job agent has registered
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-        if done.returncode == 0 or "No available agent" not in done.stderr or time.time() > deadline:
-            break
-        time.sleep(2)
-    assert done.returncode == 0, done.stderr[-3000:]
+    submit_job(submit, env)
 
     client = JobSubmissionClient(address)
     deadline = time.time() + 600
@@ -95,3 +89,15 @@ def test_submitted_job_succeeds_and_writes_output(head, checkpoints, tmp_path):
 
     again = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0, "a reused submission id must be refused (no double scheduled run)"
+
+
+def submit_job(submit: list[str], env: dict) -> None:
+    """Run a `ray job submit` command, retrying for up to 2 minutes while the head answers before its
+    job agent has registered ("No available agent"); any other failure fails the test."""
+    deadline = time.time() + 120
+    while True:
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0 or "No available agent" not in done.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert done.returncode == 0, done.stderr[-3000:]

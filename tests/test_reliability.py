@@ -151,6 +151,28 @@ def test_isolated_decoder_gives_the_in_process_results():
         decoder.close()
 
 
+def test_the_decoder_child_reads_local_files_itself(tmp_path):
+    """decode_file sends a local path, not the bytes; what the child reads and its storage errors are
+    what the worker would have got."""
+    decoder = IsolatedDecoder(DecodeConfig())
+    try:
+        for name in ("plain.flac", "ünïcødé näme ♪.wav", "song.m4a"):
+            path = tmp_path / name
+            path.write_bytes(GOOD[name])
+            ours, direct = decoder.decode_file(str(path)), Decoder()(GOOD[name])
+            for rate, wave in direct.waves.items():
+                np.testing.assert_array_equal(ours.waves[rate], wave)
+        (tmp_path / "empty.wav").write_bytes(b"")
+        for uri, reason in ((tmp_path / "vanished.wav", "file not found"),
+                            (tmp_path, "path is a directory, not a file"), (tmp_path / "empty.wav", "empty file")):
+            with pytest.raises(DecodeError) as info:
+                decoder.decode_file(str(uri))
+            assert info.value.reason == reason
+        assert decoder(GOOD["plain.flac"]).duration_s == 12.0  # bytes still work after path requests
+    finally:
+        decoder.close()
+
+
 def test_a_decoder_that_stops_responding_is_killed_and_replaced():
     data, decoder = GOOD["plain.flac"], IsolatedDecoder(DecodeConfig(timeout_s=0.5), grace_s=0.5)
     try:

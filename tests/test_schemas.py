@@ -15,7 +15,7 @@ SCHEMA = clips_schema(num_labels=3, ast_dim=4, clap_dim=2)
 def _row(**over):
     row = {"clip_id": "c1", "uri": "/a.wav", "status": "ok", "error": None, "size_bytes": 10,
            "modified": "2026-01-01T00:00:00+00:00", "etag": None, "duration_s": 1.0, "sample_rate": 16000,
-           "channels": 1, "decoder": "soundfile", "num_segments": 1,
+           "channels": 1, "decoder": "soundfile", "warning": None, "num_segments": 1,
            "labels": [{"label": "Dog", "score": 0.9}], "zero_shot": None, "scores": np.ones(3, np.float32),
            "ast_embedding": np.ones(4, np.float32), "clap_embedding": np.ones(2, np.float32), "run_id": "r"}
     return {**row, **over}

@@ -151,10 +151,14 @@ def test_no_credentials_in_logs_summaries_or_metadata(s3, caplog):
     run_tag_job(TagJobConfig(input=f"s3://{BUCKET}/audio/run1/", output=f"s3://{BUCKET}/out",
                              ast_model=f"s3://{BUCKET}/models/ast", clap_model=f"s3://{BUCKET}/models/clap",
                              run_id="s3-c"))
+    fs.invalidate_cache()  # the fixture's filesystem listed OUTPUT before this run's commits
     outputs = [p for p in fs.find(f"{BUCKET}/out")]
     assert any(p.endswith(".parquet") for p in outputs) and any(p.endswith(".json") for p in outputs)
     for path in outputs:
-        data = fs.cat_file(path)
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            raise AssertionError(f"listed but missing: {path}; listing {sorted(outputs)}") from None
         assert ACCESS_KEY.encode() not in data and SECRET_KEY.encode() not in data, path
     assert ACCESS_KEY not in caplog.text and SECRET_KEY not in caplog.text
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"

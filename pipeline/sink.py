@@ -1,0 +1,162 @@
+"""Stages 6-7 on the workers: window rows (after both models) -> clips and segments part files.
+
+`WriteResults` runs as a Ray Data task after the CLAP actors. It aggregates the windows of every file
+that is whole in its batch (`pipeline.aggregate.ClipAggregator`), writes their segments part, then their
+clips part (the same order as the driver's `RunWriters`: a complete clips part never names a clip whose
+windows are not in a complete segments part), and returns one small row per batch to the driver: the
+part files written, the batch's summary counts, and two rare kinds of leftovers as Arrow IPC bytes:
+- the running state of files whose windows were split across batches (max of scores, sums of embeddings,
+  segment indices seen: ~14 KB, whatever the number of windows); their windows are written here like any
+  other, and the driver merges the pieces and writes the clip row once the file is whole;
+- files the long-file lane must take (error LONG_FILE), handed back to the driver.
+
+So the driver receives ~1 row per batch instead of every window's 7 KB of scores and embeddings, and its
+CPU stays flat as workers are added (benchmarks/driver.py measures both). Part names are derived from the
+batch's (clip_id, segment_index) content: a retried task rewrites the same part instead of adding a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.aggregate import ClipAggregator, ZeroShot, clips_table
+from pipeline.decode import LONG_FILE
+from pipeline.summary import RunSummary
+from pipeline.writer import PartWriter, RunWriters
+
+log = logging.getLogger(__name__)
+
+SINK_SCHEMA = pa.schema([
+    ("segments_parts", pa.list_(pa.string())), ("clips_parts", pa.list_(pa.string())),
+    ("clip_rows", pa.int64()), ("counts", pa.string()),   # RunSummary.counts() as JSON
+    ("leftover", pa.binary()), ("handed_back", pa.binary()),
+])
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """Where and how a run writes: OUTPUT, run id, label names, top-k, the tables' schemas, the run metadata
+    stored in every part file, and the zero-shot label set (embedded once on the driver)."""
+
+    output: str
+    run_id: str
+    label_names: tuple[str, ...]
+    top_k: int
+    segments_schema: pa.Schema
+    clips_schema: pa.Schema
+    metadata: str                     # run metadata, JSON
+    zero_shot: ZeroShot | None = None
+
+    def writers(self, rows_per_file: int = 1 << 62) -> tuple[PartWriter, PartWriter]:
+        meta = json.loads(self.metadata)
+        return (PartWriter(self.output, "segments", self.run_id, self.segments_schema, meta, rows_per_file),
+                PartWriter(self.output, "clips", self.run_id, self.clips_schema, meta, rows_per_file))
+
+    def aggregator(self) -> ClipAggregator:
+        return ClipAggregator(list(self.label_names), self.top_k, self.run_id, self.zero_shot)
+
+
+class WriteResults:
+    """Callable for `map_batches(batch_format="pyarrow")`: window rows -> one SINK_SCHEMA row."""
+
+    def __init__(self, config: SinkConfig):
+        self.config = config
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        batch, handed_back = split_long(batch)
+        aggregator = self.config.aggregator()
+        segments, clips = aggregator.add(batch)
+        leftover = aggregator.take_partials()   # files not whole here: their state, for the driver
+        summary = RunSummary(self.config.run_id)
+        for clip in clips:
+            summary.count(clip)
+        segment_parts, clip_parts = [], []
+        if clips or len(segments):
+            name = part_name(batch)
+            seg_writer, clip_writer = self.config.writers()
+            seg_writer.write(segments)
+            seg_writer.flush(name)             # segments first, as RunWriters does
+            clip_writer.write(clips_table(clips, clip_writer.schema))
+            clip_writer.flush(name)
+            segment_parts, clip_parts = seg_writer.files, clip_writer.files
+        row = {"segments_parts": segment_parts, "clips_parts": clip_parts, "clip_rows": len(clips),
+               "counts": json.dumps(summary.counts()), "leftover": to_ipc(leftover),
+               "handed_back": to_ipc(handed_back)}
+        return pa.Table.from_pylist([row], schema=SINK_SCHEMA)
+
+
+class Collector:
+    """The driver's side of the sink: collects the part files and counts of SINK_SCHEMA rows into
+    `summary`, finishes the files whose windows were split across batches (merges their pieces and
+    writes their clip rows; their windows are in the workers' segments parts), and
+    keeps the files handed back to the long-file lane. Work per row, not per window or file."""
+
+    def __init__(self, config: SinkConfig, summary: RunSummary, rows_per_file: int = 20_000):
+        self.out = RunWriters(*config.writers(rows_per_file))
+        self.aggregator = config.aggregator()
+        self.summary = summary
+        self.parts: dict[str, list[str]] = {"segments": [], "clips": []}
+        self.clip_rows = 0                     # clip rows in the workers' parts and the driver's
+        self.handed_back: list[pa.Table] = []  # window-schema rows of files too long for the lane
+
+    def add(self, batch: pa.Table) -> None:
+        for row in batch.to_pylist():
+            self.parts["segments"] += row["segments_parts"]
+            self.parts["clips"] += row["clips_parts"]
+            self.clip_rows += row["clip_rows"]
+            self.summary.merge(json.loads(row["counts"]))
+            if row["handed_back"]:
+                self.handed_back.append(from_ipc(row["handed_back"]))
+            if row["leftover"]:
+                clips = self.aggregator.add_partials(from_ipc(row["leftover"]))
+                if clips:
+                    self.out.write(self.out.segments.schema.empty_table(), clips_table(clips, self.out.clips.schema))
+                self.clip_rows += len(clips)
+                for clip in clips:
+                    self.summary.count(clip)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def finish(self) -> dict[str, list[str]]:
+        """Flush the driver's own parts; every part file written, by table."""
+        if self.aggregator.pending:
+            raise RuntimeError(f"{self.aggregator.pending} files never received all their windows")
+        self.out.flush()
+        return {t: self.parts[t] + self.out.parts()[t] for t in self.parts}
+
+
+def part_name(batch: pa.Table) -> str:
+    """A part name fixed by the batch's windows: the same batch (a retried task) gives the same name."""
+    keys = zip(batch.column("clip_id").to_pylist(), batch.column("segment_index").to_pylist())
+    digest = hashlib.sha256("\n".join(f"{c}/{i}" for c, i in keys).encode())
+    return f"part-{digest.hexdigest()[:20]}"
+
+
+def split_long(batch: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+    """(rows to aggregate, rows of the files the lane handed back as too long for it)."""
+    longer = pc.fill_null(pc.equal(batch.column("error"), LONG_FILE), False)
+    if not pc.any(longer).as_py():
+        return batch, None
+    return batch.filter(pc.invert(longer)), batch.filter(longer)
+
+
+def to_ipc(table: pa.Table | None) -> bytes | None:
+    if table is None or not len(table):
+        return None
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def from_ipc(data: bytes) -> pa.Table:
+    with pa.ipc.open_stream(io.BytesIO(data)) as reader:
+        return reader.read_all()

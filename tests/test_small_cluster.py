@@ -1,0 +1,55 @@
+"""A cluster of two 1-CPU nodes (the issue's case): the job plans from node shapes and completes; a
+stage that no node can hold fails the run with the reason instead of waiting."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from pipeline.commits import read_current
+from pipeline.job import TagJobConfig, _stream, build_dataset, model_stages, run_tag_job
+from pipeline.resources import PlacementError, ResourcePlan, node_shapes
+from pipeline.sources import FILE_SCHEMA
+from tests.audio import encode, signal
+
+
+@pytest.fixture(scope="module")
+def two_one_cpu_nodes():
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_job_completes_on_two_one_cpu_nodes(two_one_cpu_nodes, checkpoints, tmp_path):
+    assert sorted(n["CPU"] for n in node_shapes()) == [1.0, 1.0]
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.wav").write_bytes(encode(signal(1.0 + i, 16_000, seed=i), 16_000, "WAV"))
+    cfg = TagJobConfig(input=str(corpus), output=str(tmp_path / "out"), ast_model=checkpoints["ast"],
+                       clap_model=checkpoints["clap"], run_id="two-nodes", stall_timeout_s=120)
+    summary = run_tag_job(cfg)
+    assert (summary["processed"], summary["ok"]) == (3, 3)
+    assert len(read_current(str(tmp_path / "out"))) == 3
+
+
+def test_a_stage_no_node_can_hold_fails_with_the_reason(two_one_cpu_nodes, checkpoints):
+    cfg = TagJobConfig(input=".", output=".", ast_model=checkpoints["ast"], clap_model=checkpoints["clap"])
+    plan = ResourcePlan(1, 1, 0.0, 2.0, 0.5)  # an AST actor of 2 CPUs: neither node has them
+    files = pa.Table.from_pylist([{"clip_id": "x", "uri": "/nonexistent.wav", "size_bytes": 1}], schema=FILE_SCHEMA)
+    started = time.monotonic()
+    with pytest.raises(PlacementError, match="made no progress for 15 s") as err:
+        for _ in _stream(build_dataset(files, model_stages(cfg, plan), plan, 4), 15, plan):
+            pass
+    assert "ast_cpus=2.0" in str(err.value) and "CPU 1" in str(err.value)
+    assert time.monotonic() - started < 120
