@@ -93,8 +93,9 @@ def _in_child(fn, *args):
 
 def _build(out: str, n: int, ann: AnnConfig) -> dict:
     started = time.time()
-    write_synthetic_index(out, synthetic_blocks(n), ann)
-    return {"build_s": round(time.time() - started, 1), "build_memory_gb": _peak()}
+    info = write_synthetic_index(out, synthetic_blocks(n), ann)
+    return {"build_s": round(time.time() - started, 1), "build_stages_s": info["build_stages_s"],
+            "build_memory_gb": _peak()}
 
 
 def _truth(out: str, queries: np.ndarray, k: int, single: int, filters: list[str] | None = None) -> dict:
@@ -121,7 +122,8 @@ def _filters(names: list[str] | None) -> dict:
     return {"none": {}, **{n: f for n, f in FILTERS.items() if names is None or n in names}}
 
 
-def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[tuple[int, int]]) -> dict:
+def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[tuple[int, int]],
+            filter_exponent: float = AnnConfig.filter_probe_exponent) -> dict:
     """Latency and recall@k of the ANN path, per (nprobe, rerank), unfiltered and filtered."""
     from pipeline.search import Filters, Searcher
 
@@ -133,6 +135,7 @@ def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[t
     rows = []
     for nprobe, rerank in settings:
         table.nprobe, table.rerank = nprobe or AnnConfig().probes(table.nlist, table.ann.ntotal), rerank
+        table.filter_exponent = filter_exponent
         for name, spec in _filters(list(truth)).items():
             filters = Filters(**spec)
             want = truth[name]
@@ -145,7 +148,8 @@ def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[t
                 ms.append((time.perf_counter() - t) * 1000)
                 recall.append(len(set(expected) & set(hits.tolist())) / k)
                 assert len(hits) == k
-            rows.append({"nprobe": table.nprobe, "nlist": table.nlist, "rerank": rerank, "filter": name, "queries": len(qs),
+            rows.append({"nprobe": table.nprobe, "nlist": table.nlist, "rerank": rerank, "filter": name,
+                         "filter_probe_exponent": filter_exponent, "queries": len(qs),
                          "ann_ms_median": round(float(np.median(ms)), 3),
                          "ann_ms_p95": round(float(np.percentile(ms, 95)), 3),
                          "recall_at_10": round(float(np.mean(recall)), 4)})
@@ -176,7 +180,8 @@ def _update(out: str, n: int, added: int, ann: AnnConfig) -> dict:
 
 
 def measure(n: int, queries: int, ann: AnnConfig, settings: list[tuple[int, int]], data: str | None,
-            keep: bool, reuse: bool, update: int, filters: list[str] | None = None) -> dict:
+            keep: bool, reuse: bool, update: int, filters: list[str] | None = None,
+            filter_exponent: float = AnnConfig.filter_probe_exponent) -> dict:
     out = os.path.join(data, f"search-{n}") if data else tempfile.mkdtemp(prefix="search-bench-")
     qs = synthetic_queries(queries)
     try:
@@ -185,7 +190,7 @@ def measure(n: int, queries: int, ann: AnnConfig, settings: list[tuple[int, int]
             shutil.rmtree(out, ignore_errors=True)
             built = _in_child(_build, out, n, ann)
         truth = _in_child(_truth, out, qs, 10, 5, filters)
-        searched = _in_child(_search, out, qs, truth["truth"], 10, settings)
+        searched = _in_child(_search, out, qs, truth["truth"], 10, settings, filter_exponent)
         size = sum(f.stat().st_size for f in Path(out, "_index").iterdir())
         updated = _in_child(_update, out, n, update, ann) if update else {}
         return {"n": n, "dim": 512, "queries": queries, **built, "index_gb": round(size / 2**30, 2),
@@ -204,20 +209,23 @@ def main(argv=None) -> int:
     p.add_argument("--nprobe", type=int, nargs="+", default=[None], help="default: AnnConfig.probe_fraction of the lists")
     p.add_argument("--rerank", type=int, nargs="+", default=[AnnConfig.rerank])
     p.add_argument("--nlist", type=int, help="IVF lists (default: AnnConfig's rule)")
+    p.add_argument("--project-dim", type=int, default=AnnConfig.project_dim, help="IVF-PQ dimensions (0: all)")
     p.add_argument("--data", help="directory for the index files (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the index files under --data")
     p.add_argument("--reuse", action="store_true", help="reuse an index already under --data")
     p.add_argument("--update", type=int, default=0, help="then append this many rows and time it")
     p.add_argument("--filters", nargs="*", choices=list(FILTERS), help="filters to measure (default: all)")
+    p.add_argument("--filter-exponent", type=float, default=AnnConfig.filter_probe_exponent,
+                   help="a filter keeping a fraction f of rows scans f ** -this times the lists")
     p.add_argument("--threads", type=int, help="faiss OpenMP threads (default: one per core)")
     p.add_argument("--out", default="benchmarks/results/search.json")
     args = p.parse_args(argv)
     THREADS["faiss"] = args.threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ann = AnnConfig(nlist=args.nlist) if args.nlist else AnnConfig()
+    ann = AnnConfig(nlist=args.nlist, project_dim=args.project_dim)
     settings = [(a, b) for a in args.nprobe for b in args.rerank]
     results = [measure(n, args.queries, ann, settings, args.data, args.keep, args.reuse, args.update,
-                       args.filters) for n in args.n]
+                       args.filters, args.filter_exponent) for n in args.n]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "

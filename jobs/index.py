@@ -17,13 +17,17 @@ def main(argv=None) -> int:
     p.add_argument("--rebuild", action="store_true", help="rebuild from scratch instead of appending new rows")
     p.add_argument("--nlist", type=int, help="IVF lists (default: 4 sqrt(rows) as a power of two, at most "
                                              f"{AnnConfig.max_nlist})")
-    p.add_argument("--pq-m", type=int, default=AnnConfig.pq_m, help="PQ sub-quantizers per row (divides the dimension)")
+    p.add_argument("--project-dim", type=int, default=AnnConfig.project_dim,
+                   help="IVF-PQ works on this many leading directions of the embeddings (0: all of them); "
+                        "re-ranking always uses the full vectors")
+    p.add_argument("--pq-m", type=int, default=AnnConfig.pq_m,
+                   help="PQ sub-quantizers per row (divides --project-dim, or the dimension)")
     p.add_argument("--min-rows", type=int, default=AnnConfig.min_rows, help="tables smaller than this get no ANN")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    info = build_index(args.output, rebuild=args.rebuild, ann=AnnConfig(nlist=args.nlist, pq_m=args.pq_m,
-                                                                          min_rows=args.min_rows))
+    info = build_index(args.output, rebuild=args.rebuild, ann=AnnConfig(
+        nlist=args.nlist, project_dim=args.project_dim, pq_m=args.pq_m, min_rows=args.min_rows))
     sys.stdout.write(json.dumps({k: info[k] for k in ("rows", "live", "commits", "model")}) + "\n")
     return 0
 

@@ -52,21 +52,27 @@ FORMAT = 2  # 1: HNSW over float32 vectors in the Arrow files (before issue 15)
 
 @dataclass(frozen=True)
 class AnnConfig:
-    """IVF-PQ with exact re-ranking. `nlist` IVF lists (None: 4 sqrt(N) rounded to a power of two, at
-    most `max_nlist`; an HNSW over the centroids assigns rows above `hnsw_quantizer_above` lists);
-    `pq_m` sub-quantizers of `pq_bits` each per row; a query scans `probe_fraction` of the lists and
-    re-scores `rerank` x k of the best candidates exactly against the float16 vectors. Tables under
-    `min_rows` get no ANN (exact search is as cheap). Measured choices: BENCHMARKS.md, Search."""
+    """IVF-PQ with exact re-ranking. Rows are first projected on the `project_dim` leading directions
+    of the training sample's (uncentred) second moment, then randomly rotated (0: no projection); the
+    IVF and PQ work in that space, the re-ranking on the full vectors. `nlist` IVF lists (None: 4 sqrt(N)
+    rounded to a power of two, at most `max_nlist`); `pq_m` sub-quantizers of `pq_bits` each per row;
+    k-means trains on `train_rows` rows or `train_per_list` per list, whichever is more; a query scans
+    `probe_fraction` of the lists (at most `max_probes`) and re-scores `rerank` x k of the best candidates
+    exactly against the float16 vectors. Tables under `min_rows` get no ANN (exact search is as cheap).
+    Measured choices: BENCHMARKS.md, Search."""
 
+    project_dim: int = 128
     nlist: int | None = None
     max_nlist: int = 8192
-    hnsw_quantizer_above: int = 4096
     pq_m: int = 64
     pq_bits: int = 4   # 4: fast-scan PQ (SIMD table lookups in registers); 8: classic PQ, finer, slower to scan
     probe_fraction: float = 0.1875
+    max_probes: int = 1024    # the fraction's cap: 1024 of 8192 lists at 10M keeps ~7 ms at recall 0.976
+    filter_probe_exponent: float = 0.5  # a filter keeping a fraction f of rows scans f ** -exponent times the lists
     min_scan_rows: int = 40_000   # small tables have short lists: probe enough of them to scan this many rows
     rerank: int = 50
     train_rows: int = 200_000
+    train_per_list: int = 40   # FAISS warns below 39 training rows per centroid
     kmeans_iters: int = 12
     min_rows: int = 20_000
     shard_rows: int = 1 << 20
@@ -78,8 +84,9 @@ class AnnConfig:
         return int(min(self.max_nlist, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))))
 
     def probes(self, nlist: int, rows: int) -> int:
-        """Lists a query scans: `probe_fraction` of them, or enough for `min_scan_rows` rows."""
-        wanted = max(self.probe_fraction * nlist, self.min_scan_rows * nlist / max(1, rows))
+        """Lists a query scans: `probe_fraction` of them (at most `max_probes`), or enough for
+        `min_scan_rows` rows."""
+        wanted = max(min(self.probe_fraction * nlist, self.max_probes), self.min_scan_rows * nlist / max(1, rows))
         return max(1, min(nlist, math.ceil(wanted)))
 
 
@@ -89,20 +96,48 @@ def index_dir(output: str) -> str:
 
 # ANN ------------------------------------------------------------------------------------------------
 
+def projection(sample: np.ndarray, out_dim: int, seed: int = 0):
+    """A FAISS linear map (no bias) onto the `out_dim` leading eigenvectors of the sample's uncentred
+    second moment, then a random rotation that spreads their variance evenly over the PQ sub-quantizers.
+    Uncentred, so inner products of projected vectors are those of the vectors' parts in the kept
+    subspace (a centring would add a per-row term and change the ranking)."""
+    import faiss
+
+    dim = sample.shape[1]
+    moment = sample.T.astype(np.float64) @ sample.astype(np.float64) / max(1, len(sample))
+    _, vectors = np.linalg.eigh(moment)          # ascending eigenvalues
+    leading = vectors[:, ::-1][:, :out_dim]       # dim x out_dim
+    rotation, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((out_dim, out_dim)))
+    matrix = np.ascontiguousarray((leading @ rotation).T, np.float32)  # out_dim x dim
+    transform = faiss.LinearTransform(dim, out_dim, False)
+    faiss.copy_array_to_vector(matrix.ravel(), transform.A)
+    transform.is_trained = True
+    return transform
+
+
 def train_ann(store: VectorStore, ann: AnnConfig, seed: int = 0):
-    """A trained, empty IVF-PQ (inner product) for the rows of `store`, from a random sample of them."""
+    """A trained, empty IVF-PQ (inner product) for the rows of `store`, from a random sample of them,
+    behind the projection of `ann.project_dim` (a FAISS IndexPreTransform) when that is smaller than dim."""
     import faiss
 
     n, nlist = len(store), ann.lists(len(store))
-    sample = np.sort(np.random.default_rng(seed).choice(n, min(n, ann.train_rows), replace=False))
-    quantizer = "" if nlist <= ann.hnsw_quantizer_above else "_HNSW32"
+    rows = min(n, max(ann.train_rows, ann.train_per_list * nlist))
+    sample = store.get(np.sort(np.random.default_rng(seed).choice(n, rows, replace=False)))
+    started = time.time()
+    project = 0 < ann.project_dim < store.dim
+    dim = ann.project_dim if project else store.dim
     pq = f"PQ{ann.pq_m}x4fs" if ann.pq_bits == 4 else f"PQ{ann.pq_m}x{ann.pq_bits}"
-    index = faiss.index_factory(store.dim, f"IVF{nlist}{quantizer},{pq}", faiss.METRIC_INNER_PRODUCT)
+    # a flat (exact) coarse quantizer: an HNSW one capped recall at 0.62 with 8192 lists (BENCHMARKS.md, Search)
+    index = faiss.index_factory(dim, f"IVF{nlist},{pq}", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.niter = ann.kmeans_iters
-    started = time.time()
-    index.train(store.get(sample))
-    log.info("IVF%d%s,%s trained on %d rows in %.0f s", nlist, quantizer, pq, len(sample), time.time() - started)
+    if project:
+        transform, inner = projection(sample, dim, seed), index
+        index = faiss.IndexPreTransform(transform, inner)
+        index.referenced_objects = [transform, inner]  # the C++ object does not own them until written
+    index.train(sample)
+    log.info("%sIVF%d,%s trained on %d rows in %.0f s", f"projection to {dim}, " if project else "", nlist,
+             pq, rows, time.time() - started)
     return index
 
 
@@ -317,11 +352,16 @@ def _extend(writer: _TableWriter, files: IndexFiles, entry: dict, meta: pa.Table
             "vectors": vectors}
 
 
-def _build_ann(store: VectorStore, ann: AnnConfig):
+def _build_ann(store: VectorStore, ann: AnnConfig, timings: dict | None = None):
+    """Train and fill an ANN over `store` (None below `min_rows`); seconds per stage into `timings`."""
     if len(store) < ann.min_rows:
         return None
+    started = time.time()
     index = train_ann(store, ann)
+    trained = time.time()
     add_rows(index, store)
+    if timings is not None:
+        timings.update(train_s=round(trained - started, 1), add_s=round(time.time() - trained, 1))
     return index
 
 
@@ -432,19 +472,20 @@ def write_synthetic_index(output: str, blocks: Iterable[np.ndarray] | np.ndarray
     started = time.time()
     vectors = writer.shards(counting(_chain(first, blocks)), dim)
     n = sum(counted)
-    log.info("wrote %d float16 rows in %.0f s", n, time.time() - started)
+    timings = {"write_s": round(time.time() - started, 1)}
+    log.info("wrote %d float16 rows in %.0f s", n, timings["write_s"])
     schema = _synthetic_batch(0, 1).schema
     meta = writer.meta((_synthetic_batch(s, min(1 << 20, n - s)) for s in range(0, n, 1 << 20)), schema)
     store = VectorStore([(v["file"], v["rows"]) for v in vectors], dim,
                         fetch=lambda name: os.path.join(files.stage, name))
-    index = _build_ann(store, ann)
+    index = _build_ann(store, ann, timings)
     entry = {"rows": n, "meta": meta, "ann": writer.ann_index(index), "vectors": vectors}
     info = {"format": FORMAT, "settings_hash": "synthetic", "commits": [], "labels": ["synthetic"],
             "built_at": time.time(), "model": {"source": "synthetic", "revision": "none", "untrained": True},
             "ann": asdict(ann), "dim": dim, "rows": {t: n for t in TABLES}, "live": {t: n for t in TABLES},
             "tables": {t: entry for t in TABLES}}
     files.publish(info)
-    return info
+    return {**info, "build_stages_s": timings}
 
 
 def append_synthetic_index(output: str, vectors: np.ndarray, ann: AnnConfig = AnnConfig()) -> dict:

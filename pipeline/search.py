@@ -81,6 +81,7 @@ class _Table:
         self.vectors = store_of(files, entry, dim)
         self.live = np.asarray(self.data.column("live"))
         self.nprobe, self.rerank = nprobe, rerank
+        self.filter_exponent = AnnConfig.filter_probe_exponent
         self._ann_path = files.path(entry["ann"]) if entry["ann"] else None
         self._ann = None
         self._lock = threading.Lock()
@@ -274,8 +275,10 @@ class Searcher:
         if not self.exact and mask.count >= self.exact_below and table.ann is not None:
             import faiss
 
-            # a filter keeping a fraction f of rows: probe 1/f as many lists, so as many matching rows are scanned
-            nprobe = min(table.nlist, math.ceil(table.nprobe * len(mask.keep) / mask.count))
+            # a filter keeping a fraction f of rows: probe f ** -filter_exponent as many lists (1: as many
+            # matching rows are scanned as without the filter)
+            widen = (len(mask.keep) / mask.count) ** table.filter_exponent
+            nprobe = min(table.nlist, math.ceil(table.nprobe * widen))
             params = faiss.SearchParametersIVF(nprobe=nprobe, sel=mask.selector())
             candidates = max(k * table.rerank, k)
             _, cand = table.ann.search(np.ascontiguousarray(queries, np.float32), candidates, params=params)

@@ -5,7 +5,8 @@ plain float16, row-major. So the same file is
 - memory-mapped by FAISS (`IO_FLAG_MMAP_IFC`) for exact search: SIMD fp16 dot products over every row,
   on all cores, with an id selector for filters; one shard is mapped at a time and unmapped after, so an
   exact scan of 10M rows never keeps more than one shard's pages (`shard_rows` x 1 KB) in the process;
-- memory-mapped by numpy to gather a few hundred candidate rows (a few pages each) for re-ranking.
+- read row by row (`pread`) to gather a few hundred candidate rows for re-ranking, or memory-mapped for
+  larger gathers and unmapped after, so re-ranking over 10M rows does not accumulate resident pages.
 
 Shards are written once and never changed: an index update appends a shard, a rebuild writes new ones.
 Rows are numbered across shards in order (row = ANN id = metadata row).
@@ -55,6 +56,7 @@ class VectorStore:
     turns a name into a local path (a download for an index in object storage) on first use."""
 
     BATCH_QUERIES = 16  # from this many queries at once, exact search converts blocks and uses BLAS
+    PREAD_ROWS = 4096   # gathers of up to this many rows of a shard read them (500 rows: 1.1 ms vs 1.7 mapped)
 
     def __init__(self, shards: list[tuple[str, int]], dim: int, fetch: Callable[[str], str] = lambda p: p):
         self.names = [name for name, _ in shards]
@@ -62,7 +64,6 @@ class VectorStore:
         self.starts = np.concatenate([[0], np.cumsum(counts)])
         self.dim = dim
         self._fetch = fetch
-        self._arrays: list[np.ndarray | None] = [None] * len(shards)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -75,12 +76,6 @@ class VectorStore:
         n = int(self.starts[shard + 1] - self.starts[shard])
         return np.memmap(path, np.float16, "r", offset=os.path.getsize(path) - n * self.dim * 2, shape=(n, self.dim))
 
-    def _array(self, shard: int) -> np.ndarray:
-        """The shard memory-mapped once for gathers (re-ranking touches a few pages per query)."""
-        if self._arrays[shard] is None:
-            self._arrays[shard] = self._open(shard)
-        return self._arrays[shard]
-
     def get(self, rows) -> np.ndarray:
         """float32 (len(rows), dim) for the given row numbers, in the given order."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -91,8 +86,30 @@ class VectorStore:
         shard_of = np.searchsorted(self.starts, rows[order], side="right") - 1
         for shard in np.unique(shard_of):
             pick = order[shard_of == shard]
-            out[pick] = self._array(int(shard))[rows[pick] - self.starts[shard]]
+            local = rows[pick] - self.starts[shard]
+            if len(pick) <= self.PREAD_ROWS:
+                out[pick] = self._pread(int(shard), local)
+            else:
+                array = self._open(int(shard))  # mapped for this gather only: the pages it touched leave
+                out[pick] = array[local]        # the process with it (they stay in the page cache)
+                del array
         return out
+
+    def _pread(self, shard: int, local: np.ndarray) -> np.ndarray:
+        """Rows of one shard by one pread each (into the page cache, not the process's resident set)."""
+        path = self.path(shard)
+        n = int(self.starts[shard + 1] - self.starts[shard])
+        row_bytes = self.dim * 2
+        base = os.path.getsize(path) - n * row_bytes
+        buf = np.empty((len(local), self.dim), np.float16)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i, row in enumerate(local.tolist()):
+                if os.preadv(fd, [buf[i]], base + row * row_bytes) != row_bytes:
+                    raise OSError(f"short read of row {row} in {path}")
+        finally:
+            os.close(fd)
+        return buf
 
     def blocks(self, rows_per_block: int = 65_536, first_row: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, float32 block) over rows `first_row`.. in order, a block at a time."""

@@ -171,6 +171,24 @@ def test_search_cli_json_and_table(tagged):
     assert unknown.returncode == 2 and "unknown clip_id" in unknown.stderr
 
 
+def test_projection_keeps_inner_products_in_its_subspace():
+    """The ANN's projection is uncentred: for rows in a 49-d subspace of 512-d (48 varying directions and a
+    constant offset) projected inner products equal the original ones, so the IVF-PQ ranks as exact search
+    would (a centred PCA would drop the offset's direction)."""
+    from pipeline.index import projection
+
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((49, 512)).astype(np.float32)
+    offset = 3.0 * basis[48]  # every row shares it: no variance along it, but it is in every inner product
+    rows = rng.standard_normal((5_000, 48)).astype(np.float32) @ basis[:48] + offset
+    queries = rng.standard_normal((5, 49)).astype(np.float32) @ basis
+    transform = projection(rows, 49)
+    assert (transform.d_in, transform.d_out) == (512, 49)
+    want = queries @ rows.T
+    got = transform.apply(queries) @ transform.apply(rows).T
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
 def test_ann_recall_filters_and_incremental_update(tmp_path):
     """50k synthetic 512-d vectors through the real index files and Searcher: IVF-PQ + re-ranking has
     recall@10 >= 0.95 against exact with exact scores; a filter keeping 11% of rows still yields k hits
@@ -183,6 +201,8 @@ def test_ann_recall_filters_and_incremental_update(tmp_path):
     vectors, queries = synthetic(50_000, seed=1)
     info = write_synthetic_index(str(tmp_path), vectors)
     assert info["tables"]["segments"]["ann"]
+    built = faiss.read_index(str(tmp_path / "_index" / info["tables"]["segments"]["ann"]))
+    assert faiss.downcast_VectorTransform(built.chain.at(0)).d_out == AnnConfig().project_dim  # IVF-PQ in 128-d
     exact, approx = Searcher(str(tmp_path), exact=True), Searcher(str(tmp_path))
     recalls = []
     for q in queries[:50]:

@@ -31,7 +31,9 @@ def test_get_and_blocks_return_the_stored_rows(store):
     vectors, stored = store
     assert len(vectors) == 5_000
     rows = [4999, 0, 3001, 3000, 17, 3000]
-    np.testing.assert_array_equal(vectors.get(rows), stored[rows])
+    np.testing.assert_array_equal(vectors.get(rows), stored[rows])  # read row by row
+    many = np.random.default_rng(1).integers(0, 3001, VectorStore.PREAD_ROWS + 1)
+    np.testing.assert_array_equal(vectors.get(many), stored[many])  # a larger gather maps the shard
     seen = list(vectors.blocks(700, first_row=2500))
     assert [start for start, _ in seen][:3] == [2500, 3001, 3701] and seen[0][1].shape == (501, 32)
     np.testing.assert_array_equal(np.concatenate([b for _, b in seen]), stored[2500:])
