@@ -101,6 +101,42 @@ def orphan_parts(output: str, settings_hash: str) -> dict[str, list[str]]:
     return found
 
 
+def adoptable_parts(output: str, found: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Of a dead run's complete parts (`orphan_parts`), what a rerun may commit: every clips part, and of the
+    segments parts only the windows of clips those clips parts name. A file whose windows were split across
+    batches has its windows in the workers' segments parts before the driver writes its clip row, so a
+    dead run can leave windows of a clip no complete clips part names; that file is processed again, and
+    its windows must not be committed twice. A segments part holding such windows is replaced by a copy
+    without them (`-adopted` added to its name; the original, never committed, is deleted)."""
+    fs, _ = _root(output)
+    clips = _read_parts(fs, found["clips"], ["clip_id"])
+    ids = clips.column("clip_id").combine_chunks() if clips is not None else pa.array([], pa.string())
+    segments = []
+    for path in found["segments"]:
+        with fs.open(path, "rb") as f:
+            part = pq.read_table(f)
+        keep = pc.is_in(part.column("clip_id"), value_set=ids)
+        kept = pc.sum(keep).as_py() or 0
+        if kept == len(part):
+            segments.append(path)
+            continue
+        if kept:
+            copy = path[: -len(".parquet")] + "-adopted.parquet"
+            temp = copy.rsplit("/", 1)[0] + "/_tmp-" + copy.rsplit("/", 1)[1]
+            try:
+                with fs.open(temp, "wb") as f:
+                    pq.write_table(part.filter(keep), f, compression="zstd")  # keeps the schema's run metadata
+                fs.mv(temp, copy)
+            except OSError as e:
+                remove_quietly(fs, temp)
+                raise OutputError(f"cannot write results to {output}: {e}") from e
+            segments.append(copy)
+        log.info("adopting %d of the %d windows in %s: the others belong to clips with no complete clip row",
+                 kept, len(part), path)
+        fs.rm(path)
+    return {"clips": found["clips"], "segments": segments}
+
+
 def _settings_hash(fs, path: str) -> str | None:
     with fs.open(path, "rb") as f:
         meta = pq.read_schema(f).metadata or {}

@@ -24,7 +24,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import pipeline
 from pipeline.aggregate import ZeroShot
-from pipeline.commits import commit, committed_identity, not_transient, orphan_parts, parts_identity
+from pipeline.commits import (adoptable_parts, commit, committed_identity, not_transient, orphan_parts,
+                              parts_identity)
 from pipeline.delta import publish
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
 from pipeline.device import resolve_precision
@@ -40,7 +41,7 @@ from pipeline.summary import RunSummary
 from pipeline.tagger import AstTagger, TaggerConfig
 from pipeline.windows import WindowConfig
 from pipeline.sink import Collector, SinkConfig, WriteResults
-from pipeline.writer import check_writable
+from pipeline.writer import OutputError, check_writable
 from schemas import SCHEMA_VERSION, clips_schema, segments_schema
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     metadata = run_metadata(cfg, stages, plan)
     _warn_untrained(metadata)
     settings = metadata["settings_hash"]
-    adopted = orphan_parts(cfg.output, settings)
+    adopted = adoptable_parts(cfg.output, orphan_parts(cfg.output, settings))
     summary.adopted_parts = sum(len(v) for v in adopted.values())
     skip = SkipCheck.build(cfg.output, settings, adopted["clips"])
     shards = 0
@@ -292,6 +293,7 @@ def _stream(dataset: ray.data.Dataset, stall_timeout_s: float, plan: ResourcePla
     """The dataset's output batches; a stall (no operator made progress for `stall_timeout_s`, e.g. an
     actor or task that can never be scheduled) fails the job with the plan and the free resources."""
     dataset.context.execution_no_progress_timeout_s = stall_timeout_s
+    dataset.context.raise_original_map_exception = True  # an OutputError from the workers' sink reaches us as one
     try:
         yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
     except ExecutionTimeoutError as e:
@@ -299,6 +301,22 @@ def _stream(dataset: ray.data.Dataset, stall_timeout_s: float, plan: ResourcePla
         raise PlacementError(f"the job made no progress for {stall_timeout_s:g} s and was stopped rather than "
                              f"left waiting. Resource plan: {plan}. Nodes: {_describe_nodes()}. Free now: "
                              f"{free}. Ray Data said: {e}") from e
+    except Exception as e:
+        cause = _output_error(e)
+        if cause is None:
+            raise
+        raise cause from e  # the workers' sink could not write OUTPUT (disk full, permissions): say so
+
+
+def _output_error(e: BaseException | None) -> OutputError | None:
+    """The OutputError behind a Ray task error (Ray wraps a worker's exception), if there is one."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OutputError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
 
 
 def _describe_nodes() -> str:
