@@ -115,40 +115,81 @@ def projection(sample: np.ndarray, out_dim: int, seed: int = 0):
     return transform
 
 
-def train_ann(store: VectorStore, ann: AnnConfig, seed: int = 0):
-    """A trained, empty IVF-PQ (inner product) for the rows of `store`, from a random sample of them,
-    behind the projection of `ann.project_dim` (a FAISS IndexPreTransform) when that is smaller than dim."""
+class Ann:
+    """The ANN of one index table: `ivf`, an IVF-PQ (behind the projection, a FAISS IndexPreTransform, when
+    there is one) for unfiltered queries, and `flat`, 4-bit PQ codes of the same projected rows in row
+    order (a FAISS IndexPQ, 32 B a row) from which a filtered query scans only the matching rows."""
+
+    def __init__(self, ivf, flat):
+        self.ivf, self.flat = ivf, flat
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.ivf.ntotal)
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        return project(self.ivf, x)
+
+    def add(self, block: np.ndarray) -> None:
+        self.ivf.add(block)
+        self.flat.add(self.project(block))
+
+
+def project(ivf, x: np.ndarray) -> np.ndarray:
+    """Rows in the space the IVF-PQ works in: through the projection of an IndexPreTransform, else as given."""
+    import faiss
+
+    if isinstance(ivf, faiss.IndexPreTransform):
+        for i in range(ivf.chain.size()):
+            x = faiss.downcast_VectorTransform(ivf.chain.at(i)).apply(x)
+    return x
+
+
+def train_ann(store: VectorStore, ann: AnnConfig, seed: int = 0) -> Ann:
+    """A trained, empty ANN (inner product) for the rows of `store`, from a random sample of them: the
+    IVF-PQ behind the projection of `ann.project_dim` (a FAISS IndexPreTransform) when that is smaller than
+    dim, and the flat PQ codes for filtered queries."""
     import faiss
 
     n, nlist = len(store), ann.lists(len(store))
     rows = min(n, max(ann.train_rows, ann.train_per_list * nlist))
     sample = store.get(np.sort(np.random.default_rng(seed).choice(n, rows, replace=False)))
     started = time.time()
-    project = 0 < ann.project_dim < store.dim
-    dim = ann.project_dim if project else store.dim
+    project_to = 0 < ann.project_dim < store.dim
+    dim = ann.project_dim if project_to else store.dim
     pq = f"PQ{ann.pq_m}x4fs" if ann.pq_bits == 4 else f"PQ{ann.pq_m}x{ann.pq_bits}"
     # a flat (exact) coarse quantizer: an HNSW one capped recall at 0.62 with 8192 lists (BENCHMARKS.md, Search)
     index = faiss.index_factory(dim, f"IVF{nlist},{pq}", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.niter = ann.kmeans_iters
-    if project:
+    if project_to:
         transform, inner = projection(sample, dim, seed), index
         index = faiss.IndexPreTransform(transform, inner)
         index.referenced_objects = [transform, inner]  # the C++ object does not own them until written
     index.train(sample)
-    log.info("%sIVF%d,%s trained on %d rows in %.0f s", f"projection to {dim}, " if project else "", nlist,
-             pq, rows, time.time() - started)
-    return index
+    flat = faiss.IndexPQ(dim, ann.pq_m, 4, faiss.METRIC_INNER_PRODUCT)
+    flat.train(project(index, sample))
+    log.info("%sIVF%d,%s and flat PQ%dx4 trained on %d rows in %.0f s", f"projection to {dim}, " if project_to else "",
+             nlist, pq, ann.pq_m, rows, time.time() - started)
+    return Ann(index, flat)
 
 
-def add_rows(index, store: VectorStore, first_row: int = 0, rows_per_block: int = 65_536) -> None:
-    """Add rows `first_row`.. of `store` to the IVF lists; ids are row numbers, so rows come in order."""
+def add_rows(index: Ann, store: VectorStore, first_row: int = 0, rows_per_block: int = 65_536) -> None:
+    """Add rows `first_row`.. of `store` to the IVF lists and the flat codes; ids are row numbers, so rows
+    come in order."""
     if index.ntotal != first_row:
         raise ValueError(f"the ANN index holds {index.ntotal} rows, the next to add is {first_row}")
     started = time.time()
     for _, block in store.blocks(rows_per_block, first_row):
         index.add(block)
     log.info("added %d rows to the IVF lists in %.0f s", len(store) - first_row, time.time() - started)
+
+
+def read_ann(ivf_path: str, flat_path: str) -> Ann:
+    import faiss
+
+    return Ann(faiss.read_index(ivf_path), faiss.read_index(flat_path))
 
 
 # Files ------------------------------------------------------------------------------------------------
@@ -229,7 +270,8 @@ class IndexFiles:
 def referenced(info: dict) -> list[str]:
     names = []
     for entry in info.get("tables", {}).values():
-        names += [entry["meta"]] + [v["file"] for v in entry["vectors"]] + ([entry["ann"]] if entry["ann"] else [])
+        names += [entry["meta"]] + [v["file"] for v in entry["vectors"]]
+        names += [entry[k] for k in ("ann", "codes") if entry.get(k)]
     return names
 
 
@@ -286,14 +328,16 @@ class _TableWriter:
                 w.write(batch)
         return name
 
-    def ann_index(self, index) -> str | None:
+    def ann_index(self, index: Ann | None) -> dict:
+        """Write the ANN's two files; their names for the index.json entry ("ann": IVF-PQ, "codes": flat)."""
         import faiss
 
         if index is None:
-            return None
-        name = f"{self.table}-{self.gen}.ivfpq"
-        faiss.write_index(index, os.path.join(self.files.stage, name))
-        return name
+            return {"ann": None, "codes": None}
+        names = {"ann": f"{self.table}-{self.gen}.ivfpq", "codes": f"{self.table}-{self.gen}.pq"}
+        faiss.write_index(index.ivf, os.path.join(self.files.stage, names["ann"]))
+        faiss.write_index(index.flat, os.path.join(self.files.stage, names["codes"]))
+        return names
 
 
 def _rebatch(blocks: Iterable[np.ndarray], rows: int) -> Iterator[Iterator[np.ndarray]]:
@@ -326,7 +370,7 @@ def _fresh(writer: _TableWriter, files: IndexFiles, meta: pa.Table, blocks, dim:
     vectors = writer.shards(blocks, dim)
     store = VectorStore([(v["file"], v["rows"]) for v in vectors], dim, fetch=lambda name: os.path.join(files.stage, name))
     index = _build_ann(store, ann)
-    return {"rows": len(meta), "meta": writer.meta([meta], meta.schema), "ann": writer.ann_index(index),
+    return {"rows": len(meta), "meta": writer.meta([meta], meta.schema), **writer.ann_index(index),
             "vectors": vectors}
 
 
@@ -334,8 +378,6 @@ def _extend(writer: _TableWriter, files: IndexFiles, entry: dict, meta: pa.Table
             ann: AnnConfig) -> dict:
     """A table's files after appending `added` rows (the last rows of `meta`): the old shards plus one new,
     the ANN with the rows added to its lists (trained now if the table just passed `min_rows`)."""
-    import faiss
-
     previous_rows = entry["rows"]
     vectors = entry["vectors"] + (writer.shards([added], dim, first=len(entry["vectors"])) if len(added) else [])
     staged = {v["file"] for v in vectors} - {v["file"] for v in entry["vectors"]}
@@ -343,12 +385,12 @@ def _extend(writer: _TableWriter, files: IndexFiles, entry: dict, meta: pa.Table
                         fetch=lambda name: os.path.join(files.stage, name) if name in staged else files.path(name))
     started = time.time()
     if entry["ann"]:
-        index = faiss.read_index(files.path(entry["ann"]))
+        index = read_ann(files.path(entry["ann"]), files.path(entry["codes"]))
         add_rows(index, store, first_row=previous_rows)
     else:
         index = _build_ann(store, ann)
     log.info("%s: %d rows appended in %.1f s", writer.table, len(store) - previous_rows, time.time() - started)
-    return {"rows": len(meta), "meta": writer.meta([meta], meta.schema), "ann": writer.ann_index(index),
+    return {"rows": len(meta), "meta": writer.meta([meta], meta.schema), **writer.ann_index(index),
             "vectors": vectors}
 
 
@@ -479,7 +521,7 @@ def write_synthetic_index(output: str, blocks: Iterable[np.ndarray] | np.ndarray
     store = VectorStore([(v["file"], v["rows"]) for v in vectors], dim,
                         fetch=lambda name: os.path.join(files.stage, name))
     index = _build_ann(store, ann, timings)
-    entry = {"rows": n, "meta": meta, "ann": writer.ann_index(index), "vectors": vectors}
+    entry = {"rows": n, "meta": meta, **writer.ann_index(index), "vectors": vectors}
     info = {"format": FORMAT, "settings_hash": "synthetic", "commits": [], "labels": ["synthetic"],
             "built_at": time.time(), "model": {"source": "synthetic", "revision": "none", "untrained": True},
             "ann": asdict(ann), "dim": dim, "rows": {t: n for t in TABLES}, "live": {t: n for t in TABLES},

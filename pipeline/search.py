@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline.arrow import to_matrix
 from pipeline.commits import read_commits
-from pipeline.index import AnnConfig, fetch_index, store_of
+from pipeline.index import AnnConfig, fetch_index, project, store_of
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class _Mask:
         self.count = int(keep.sum())
         self.all = self.count == len(keep)
         self._bits = None if self.all else np.packbits(keep, bitorder="little")
+        self.subset = None  # (rows, FAISS PQ fast-scan index over their codes), built on first use
 
     def selector(self):
         import faiss
@@ -71,7 +72,8 @@ class _Mask:
 
 class _Table:
     """One index table: memory-mapped row metadata with its filter columns, the float16 vectors
-    (fetched on first use) and the IVF-PQ (read into memory on first ANN search)."""
+    (fetched on first use), the IVF-PQ (read into memory on first ANN search) and the flat PQ codes
+    (fetched and read on the first filtered ANN search)."""
 
     MASKS_KEPT = 16  # per-filter masks cached (10 MB each at 10M rows): a service sees the same filters often
 
@@ -84,6 +86,8 @@ class _Table:
         self.filter_exponent = AnnConfig.filter_probe_exponent
         self._ann_path = files.path(entry["ann"]) if entry["ann"] else None
         self._ann = None
+        self._files, self._codes_name = files, entry.get("codes")
+        self._codes = None
         self._lock = threading.Lock()
         self._masks: OrderedDict = OrderedDict()
 
@@ -101,6 +105,26 @@ class _Table:
                         self.nprobe = AnnConfig().probes(self.nlist, index.ntotal)
                     self._ann = index
         return self._ann
+
+    def subset(self, mask: _Mask):
+        """(rows, index) for a filtered search that scans only the mask's rows: a FAISS PQ fast-scan index
+        over their codes, built on the filter's first ANN query (a gather of 32 B a row) and kept with
+        its cached mask; None when the index has no flat codes."""
+        import faiss
+
+        if mask.subset is None and self._codes_name:
+            with self._lock:
+                if self._codes is None:
+                    flat = faiss.read_index(self._files.path(self._codes_name))
+                    codes = faiss.vector_to_array(flat.codes).reshape(flat.ntotal, flat.code_size)
+                    flat.reset()  # keeps the trained quantizer; the codes live in `codes`
+                    self._codes = (flat, codes)
+            flat, codes = self._codes
+            rows = np.flatnonzero(mask.keep)
+            part = faiss.clone_index(flat)
+            part.add_sa_codes(np.ascontiguousarray(codes[rows]))
+            mask.subset = (rows, faiss.IndexPQFastScan(part))
+        return mask.subset
 
     def clip_ids(self, rows) -> np.ndarray:
         return np.asarray(self.data.column("clip_id").take(pa.array(np.asarray(rows, np.int64))).to_pylist(), object)
@@ -139,12 +163,15 @@ class Searcher:
     """Holds an index in memory and answers queries; see `text`, `audio`, `like`, `zero_shot`, `duplicates`."""
 
     def __init__(self, output: str, nprobe: int | None = None, rerank: int = AnnConfig.rerank,
-                 exact: bool = False, clap_model: str | None = None, exact_below: int = 20_000):
+                 exact: bool = False, clap_model: str | None = None, exact_below: int = 20_000,
+                 subset_fraction: float = 0.3):
         """`nprobe`: IVF lists scanned per query (None: AnnConfig.probe_fraction of them); `rerank`: ANN
-        candidates re-scored exactly per hit asked for. `exact_below`: searches over fewer matching rows than this go exact (cheap, and an IVF scan
-        under a very selective filter finds too few matching candidates)."""
+        candidates re-scored exactly per hit asked for. `exact_below`: searches over fewer matching rows
+        than this go exact (cheap, and an IVF scan under a very selective filter finds too few matching
+        candidates). `subset_fraction`: a filter keeping at most this fraction of the rows scans the PQ
+        codes of its rows only (all of them, no IVF probing); a wider one probes the IVF lists."""
         self.output = output
-        self.exact_below = exact_below
+        self.exact_below, self.subset_fraction = exact_below, subset_fraction
         files = fetch_index(output)
         if files is None:
             raise SearchError(f"no index under {output}: run `python -m jobs.index --output {output}`")
@@ -267,21 +294,28 @@ class Searcher:
         return rows[0], scores[0]
 
     def _search(self, table: _Table, queries: np.ndarray, mask: _Mask, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows), each (len(queries), k), best first, exact scores. IVF-PQ with the mask as an id
-        selector, then the `rerank * k` best candidates re-scored against the float16 vectors; exact when
-        the ANN is off or stale, or the mask is selective enough that exact is cheaper. A query whose
-        ANN candidates hold fewer than min(k, matches) rows is answered exactly."""
+        """(scores, rows), each (len(queries), k), best first, exact scores. Candidates from the IVF-PQ
+        (the mask as an id selector) or, under a filter keeping at most `subset_fraction` of the rows,
+        from a scan of those rows' PQ codes; then the `rerank * k` best re-scored against the float16
+        vectors. Exact when the ANN is off or stale, or the mask is selective enough that exact is
+        cheaper. A query whose candidates hold fewer than min(k, matches) rows is answered exactly."""
         want = min(k, mask.count)
         if not self.exact and mask.count >= self.exact_below and table.ann is not None:
             import faiss
 
-            # a filter keeping a fraction f of rows: probe f ** -filter_exponent as many lists (1: as many
-            # matching rows are scanned as without the filter)
-            widen = (len(mask.keep) / mask.count) ** table.filter_exponent
-            nprobe = min(table.nlist, math.ceil(table.nprobe * widen))
-            params = faiss.SearchParametersIVF(nprobe=nprobe, sel=mask.selector())
+            queries = np.ascontiguousarray(queries, np.float32)
             candidates = max(k * table.rerank, k)
-            _, cand = table.ann.search(np.ascontiguousarray(queries, np.float32), candidates, params=params)
+            subset = table.subset(mask) if mask.count <= self.subset_fraction * len(mask.keep) else None
+            if subset is not None:  # a filter: scan the codes of its rows only
+                kept, index = subset
+                _, found = index.search(project(table.ann, queries), min(candidates, len(kept)))
+                cand = np.where(found >= 0, kept[np.maximum(found, 0)], -1)
+            else:
+                # probe f ** -filter_exponent as many lists for a mask keeping a fraction f of the rows
+                widen = (len(mask.keep) / mask.count) ** table.filter_exponent
+                nprobe = min(table.nlist, math.ceil(table.nprobe * widen))
+                params = faiss.SearchParametersIVF(nprobe=nprobe, sel=mask.selector())
+                _, cand = table.ann.search(queries, candidates, params=params)
             scores = np.full((len(queries), k), -np.inf, np.float32)
             rows = np.full((len(queries), k), -1, np.int64)
             short = []

@@ -213,14 +213,17 @@ def test_ann_recall_filters_and_incremental_update(tmp_path):
         np.testing.assert_allclose([h.score for h in got], stored @ q, atol=1e-5)  # re-ranked: exact scores
     assert np.mean(recalls) >= 0.95, np.mean(recalls)
     prefix = "synthetic://1"  # ids 1, 10-19, 100-199, ...: 11,111 of 50,000 rows
-    filtered = Searcher(str(tmp_path), exact_below=1_000)  # force the ANN path under the filter
-    recalls = []
-    for q in queries[:20]:
-        hits = filtered.vector(q, 10, Filters(uri_prefix=prefix), segments=True)
-        assert len(hits) == 10 and all(h.uri.startswith(prefix) for h in hits)
-        want = {h.clip_id for h in exact.vector(q, 10, Filters(uri_prefix=prefix), segments=True)}
-        recalls.append(len(want & {h.clip_id for h in hits}) / 10)
-    assert np.mean(recalls) >= 0.9, np.mean(recalls)
+    for subset in (True, False):  # the filter's own PQ codes, or the IVF lists with an id selector
+        filtered = Searcher(str(tmp_path), exact_below=1_000, subset_fraction=0.3 if subset else 0.0)
+        recalls = []
+        for q in queries[:20]:
+            hits = filtered.vector(q, 10, Filters(uri_prefix=prefix), segments=True)
+            assert len(hits) == 10 and all(h.uri.startswith(prefix) for h in hits)
+            want = {h.clip_id for h in exact.vector(q, 10, Filters(uri_prefix=prefix), segments=True)}
+            recalls.append(len(want & {h.clip_id for h in hits}) / 10)
+        assert np.mean(recalls) >= 0.9, (subset, np.mean(recalls))
+        table = filtered.tables["segments"]
+        assert (table.mask(Filters(uri_prefix=prefix), filtered.labels).subset is not None) == subset
     rare = Filters(label="synthetic", min_score=0.9995)  # a few dozen rows: exact over the matches, all of them
     matching = int((((np.arange(50_000) * 0.6180339887498949) % 1.0).astype(np.float32) >= 0.9995).sum())
     assert 0 < matching < 100 and len(filtered.vector(queries[0], 100, rare, segments=True)) == matching
@@ -237,11 +240,14 @@ def test_ann_recall_filters_and_incremental_update(tmp_path):
     assert after.ntotal == 52_000
     np.testing.assert_array_equal(faiss.extract_index_ivf(after).quantizer.reconstruct_n(0, 8), centroids)
     updated = Searcher(str(tmp_path))
+    in_five = Filters(uri_prefix="synthetic://5")  # 3,111 rows, 2,000 of them new: the flat codes' path
     for i in (0, 777, 1999):
         hit = updated.vector(new[i], 1, segments=True)[0]
         assert hit.uri == f"synthetic://{50_000 + i}" and hit.score == pytest.approx(1.0, abs=1e-3)
+        hit = Searcher(str(tmp_path), exact_below=1_000).vector(new[i], 1, in_five, segments=True)[0]
+        assert hit.uri == f"synthetic://{50_000 + i}"
     assert sorted(p.name for p in (tmp_path / "_index").iterdir()) == sorted(
-        ["index.json"] + [info["tables"]["segments"][k] for k in ("meta", "ann")]
+        ["index.json"] + [info["tables"]["segments"][k] for k in ("meta", "ann", "codes")]
         + [v["file"] for v in info["tables"]["segments"]["vectors"]])  # the replaced generation's files are gone
 
 
@@ -291,7 +297,7 @@ def test_index_in_object_storage_loads_lazily(tmp_path, monkeypatch):
             entry = info["tables"]["segments"]
             assert len(entry["vectors"]) == 2 and entry["ann"]
             assert sorted(p.rsplit("/", 1)[1] for p in fsspec.filesystem("s3").ls("indexes/out/_index")) == sorted(
-                ["index.json", entry["meta"], entry["ann"]] + [v["file"] for v in entry["vectors"]])
+                ["index.json", entry["meta"], entry["ann"], entry["codes"]] + [v["file"] for v in entry["vectors"]])
             for cached in (tmp_path / "cache").rglob("*"):  # the writer's own cache: start empty, as a service would
                 if cached.is_file():
                     cached.unlink()
@@ -300,9 +306,16 @@ def test_index_in_object_storage_loads_lazily(tmp_path, monkeypatch):
             assert sorted(p.name for p in cache.iterdir()) == sorted([entry["meta"], entry["ann"]])
             hits = remote.vector(queries[0], 10, segments=True)
             assert {p.name for p in cache.iterdir()} >= {v["file"] for v in entry["vectors"]}
+            assert entry["codes"] not in {p.name for p in cache.iterdir()}  # flat codes: on the first filter
+            filtered = Searcher("s3://indexes/out", exact_below=1_000).vector(  # 1,111 rows: not exact
+                queries[0], 10, Filters(uri_prefix="synthetic://12"), segments=True)
+            assert entry["codes"] in {p.name for p in cache.iterdir()}
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
     write_synthetic_index(str(tmp_path / "local"), vectors, ann)
     local = Searcher(str(tmp_path / "local")).vector(queries[0], 10, segments=True)
     assert [h.uri for h in hits] == [h.uri for h in local]
     np.testing.assert_allclose([h.score for h in hits], [h.score for h in local], atol=1e-6)
+    local = Searcher(str(tmp_path / "local"), exact_below=1_000).vector(
+        queries[0], 10, Filters(uri_prefix="synthetic://12"), segments=True)
+    assert [h.uri for h in filtered] == [h.uri for h in local]
