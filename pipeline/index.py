@@ -4,7 +4,10 @@
                                   names of its files (below); written last, so it always names complete files
     {table}-{gen}.arrow           row metadata: clip_id, uri, duration_s, run_id, live, scores (+ segment_index,
                                   start_s, end_s for segments); Arrow IPC, memory-mapped
-    {table}-{gen}.ivfpq           FAISS IVF-PQ over the rows (ANN id = row number); absent for small tables
+    {table}-{gen}.ivfpq           FAISS IVF-PQ over the rows' 128-d projection (ANN id = row number); absent
+                                  for small tables
+    {table}-{gen}.pq              the same rows' PQ codes in row order (FAISS IndexPQ): filtered queries scan
+                                  the codes of the filter's rows
     {table}-{gen}-v{i}.faiss      the rows' CLAP embeddings as float16 shards (pipeline.vectors): exact search
                                   and re-ranking of ANN candidates
 
@@ -35,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import delta
 from pipeline.arrow import to_matrix
 from pipeline.commits import read_commits, read_current
 from pipeline.vectors import VectorStore, write_shard
@@ -321,12 +325,22 @@ class _TableWriter:
             out.append({"file": name, "rows": rows})
         return out
 
-    def meta(self, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema) -> str:
-        name = f"{self.table}-{self.gen}.arrow"
+    def rows(self, parts: Iterable[tuple[pa.Table, np.ndarray]], schema: pa.Schema,
+             before: Iterable[pa.RecordBatch] = ()) -> Iterator[np.ndarray]:
+        """Write the row metadata file as rows stream by: the `before` batches (an earlier generation's
+        rows), then each part's metadata, passing its vectors on (to `shards`). Once exhausted,
+        `meta_name` and `meta_rows` name the file and count its rows."""
+        name, count = f"{self.table}-{self.gen}.arrow", 0
         with pa.OSFile(os.path.join(self.files.stage, name), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
-            for batch in batches:
+            for batch in before:
                 w.write(batch)
-        return name
+                count += len(batch)
+            for meta, vectors in parts:
+                w.write(meta if meta.schema.equals(schema) else meta.cast(schema))
+                count += len(meta)
+                if len(vectors):
+                    yield vectors
+        self.meta_name, self.meta_rows = name, count
 
     def ann_index(self, index: Ann | None) -> dict:
         """Write the ANN's two files; their names for the index.json entry ("ann": IVF-PQ, "codes": flat)."""
@@ -365,21 +379,27 @@ def _rebatch(blocks: Iterable[np.ndarray], rows: int) -> Iterator[Iterator[np.nd
         yield run()
 
 
-def _fresh(writer: _TableWriter, files: IndexFiles, meta: pa.Table, blocks, dim: int, ann: AnnConfig) -> dict:
-    """A table's files from scratch: vector shards, a newly trained ANN, the metadata; its index.json entry."""
-    vectors = writer.shards(blocks, dim)
+def _fresh(writer: _TableWriter, files: IndexFiles, parts: Iterable[tuple[pa.Table, np.ndarray]],
+           schema: pa.Schema, dim: int, ann: AnnConfig, timings: dict | None = None) -> dict:
+    """A table's files from scratch, streamed from (metadata, vectors) parts: the metadata, vector shards,
+    a newly trained ANN; its index.json entry."""
+    started = time.time()
+    vectors = writer.shards(writer.rows(parts, schema), dim)
+    if timings is not None:
+        timings["write_s"] = round(time.time() - started, 1)
+    log.info("%s: wrote %d rows in %.0f s", writer.table, writer.meta_rows, time.time() - started)
     store = VectorStore([(v["file"], v["rows"]) for v in vectors], dim, fetch=lambda name: os.path.join(files.stage, name))
-    index = _build_ann(store, ann)
-    return {"rows": len(meta), "meta": writer.meta([meta], meta.schema), **writer.ann_index(index),
-            "vectors": vectors}
+    index = _build_ann(store, ann, timings)
+    return {"rows": writer.meta_rows, "meta": writer.meta_name, **writer.ann_index(index), "vectors": vectors}
 
 
-def _extend(writer: _TableWriter, files: IndexFiles, entry: dict, meta: pa.Table, added: np.ndarray, dim: int,
-            ann: AnnConfig) -> dict:
-    """A table's files after appending `added` rows (the last rows of `meta`): the old shards plus one new,
-    the ANN with the rows added to its lists (trained now if the table just passed `min_rows`)."""
+def _extend(writer: _TableWriter, files: IndexFiles, entry: dict, previous: Iterable[pa.RecordBatch],
+            parts: Iterable[tuple[pa.Table, np.ndarray]], schema: pa.Schema, dim: int, ann: AnnConfig) -> dict:
+    """A table's files after appending rows: the `previous` metadata batches (live flags updated) then the
+    new parts' rows; the old shards plus new ones; the ANN with the rows added to its lists (trained now
+    if the table just passed `min_rows`)."""
     previous_rows = entry["rows"]
-    vectors = entry["vectors"] + (writer.shards([added], dim, first=len(entry["vectors"])) if len(added) else [])
+    vectors = entry["vectors"] + writer.shards(writer.rows(parts, schema, previous), dim, first=len(entry["vectors"]))
     staged = {v["file"] for v in vectors} - {v["file"] for v in entry["vectors"]}
     store = VectorStore([(v["file"], v["rows"]) for v in vectors], dim,
                         fetch=lambda name: os.path.join(files.stage, name) if name in staged else files.path(name))
@@ -390,8 +410,7 @@ def _extend(writer: _TableWriter, files: IndexFiles, entry: dict, meta: pa.Table
     else:
         index = _build_ann(store, ann)
     log.info("%s: %d rows appended in %.1f s", writer.table, len(store) - previous_rows, time.time() - started)
-    return {"rows": len(meta), "meta": writer.meta([meta], meta.schema), **writer.ann_index(index),
-            "vectors": vectors}
+    return {"rows": writer.meta_rows, "meta": writer.meta_name, **writer.ann_index(index), "vectors": vectors}
 
 
 def _build_ann(store: VectorStore, ann: AnnConfig, timings: dict | None = None):
@@ -407,15 +426,58 @@ def _build_ann(store: VectorStore, ann: AnnConfig, timings: dict | None = None):
     return index
 
 
-def _current_with_duration(output: str, settings_hash: str) -> dict[str, pa.Table]:
-    clips = read_current(output, "clips", settings_hash, columns=COLUMNS["clips"] + ["status"])
-    clips = clips.filter(pc.equal(clips.column("status"), "ok"))
-    segments = read_current(output, "segments", settings_hash, columns=COLUMNS["segments"])
-    durations = dict(zip(clips.column("clip_id").to_pylist(), clips.column("duration_s").to_pylist()))
-    segments = segments.append_column(
-        "duration_s", pa.array([durations.get(c) for c in segments.column("clip_id").to_pylist()], pa.float64()))
-    return {"clips": clips.select(COLUMNS["clips"]),
-            "segments": segments.select(COLUMNS["segments"] + ["duration_s"])}
+def _current_batches(output: str, table: str, settings_hash: str, columns: list[str],
+                     batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """The current rows of `table` with `settings_hash`, only `columns`, in batches: streamed from the
+    Delta table when it holds these settings (the driver holds one batch at a time); results of other
+    settings (run manifests) are read whole."""
+    dt = delta.open_table(output, "clips")
+    if dt is not None and delta.table_settings(dt) == settings_hash:
+        yield from delta.iter_batches(output, table, columns, batch_rows)
+    else:
+        yield from read_current(output, table, settings_hash, columns=columns).to_batches(batch_rows)
+
+
+def _ok_clips(output: str, settings_hash: str) -> pa.Table:
+    """clip_id and duration_s of the current clips whose status is ok (~50 B a file)."""
+    batches = [b.filter(pc.equal(b.column("status"), "ok")).select(["clip_id", "duration_s"])
+               for b in _current_batches(output, "clips", settings_hash, ["clip_id", "duration_s", "status"])]
+    return pa.Table.from_batches(batches) if batches else pa.table({"clip_id": pa.array([], pa.string()),
+                                                                    "duration_s": pa.array([], pa.float64())})
+
+
+def _index_rows(output: str, table: str, settings_hash: str, ok: pa.Table,
+                columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The rows an index table holds, as tables of COLUMNS[table] (or `columns` of them) + duration_s for
+    segments: clips whose status is ok, and the windows of the current clips."""
+    full, columns = columns is None, columns or COLUMNS[table]
+    wanted = columns + (["status"] if table == "clips" else [])
+    for batch in _current_batches(output, table, settings_hash, wanted):
+        rows = pa.Table.from_batches([batch])
+        if table == "clips":
+            rows = rows.filter(pc.equal(rows.column("status"), "ok")).select(columns)
+        elif full:
+            where = pc.index_in(rows.column("clip_id"), value_set=ok.column("clip_id").combine_chunks())
+            rows = rows.append_column("duration_s", ok.column("duration_s").take(where))
+        if len(rows):
+            yield rows
+
+
+def _keys(rows: pa.Table) -> pa.Array:
+    """(clip_id, run_id) of each row as one string: a row of the index is a clip's result of one run."""
+    return pc.binary_join_element_wise(rows.column("clip_id"), rows.column("run_id"), "\x1f").combine_chunks()
+
+
+def _parts(rows: Iterable[pa.Table], known: pa.Array | None = None) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """(metadata with live = True, embeddings) of index rows; with `known` keys, only the rows not among them."""
+    for part in rows:
+        if known is not None:
+            part = part.filter(pc.invert(pc.is_in(_keys(part), value_set=known)))
+            if not len(part):
+                continue
+        vectors = to_matrix(part.column("clap_embedding"))
+        meta = part.drop_columns(["clap_embedding"]).append_column("live", pa.array(np.ones(len(part), bool)))
+        yield meta, vectors
 
 
 def _data_metadata(output: str, commits: list[dict]) -> dict:
@@ -426,16 +488,17 @@ def _data_metadata(output: str, commits: list[dict]) -> dict:
 
 
 def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()) -> dict:
-    """Create or update the index under OUTPUT/_index/ for the newest settings; returns index.json."""
-    import faiss
-
+    """Create or update the index under OUTPUT/_index/ for the newest settings; returns index.json.
+    Rows stream from the current (Delta) table into the index files a batch at a time, so the driver
+    never holds the table's embeddings or scores (a full build); an update reads every current row's
+    (clip_id, run_id) to mark replaced rows, then streams only the new rows."""
     commits = [c for c in read_commits(output) if c["parts"]["clips"]]
     if not commits:
         raise FileNotFoundError(f"no committed results under {output}: run jobs.tag first")
     settings = commits[-1]["settings_hash"]
     covered = [c["run_id"] for c in read_commits(output) if c["settings_hash"] == settings]
     meta = _data_metadata(output, commits)
-    current = _current_with_duration(output, settings)
+    ok = _ok_clips(output, settings)
     files = IndexFiles(output)
     old = files.info()
     if old and (old.get("format") != FORMAT or old["settings_hash"] != settings):
@@ -447,39 +510,47 @@ def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()
             "labels": meta.get("labels") or _label_names(meta), "built_at": time.time(), "ann": asdict(ann),
             "dim": None, "rows": {}, "live": {}, "tables": {}}
     for table in TABLES:
-        new = current[table]
-        embeddings = to_matrix(new.column("clap_embedding"))
-        dim = embeddings.shape[1] if len(new) else (old or {}).get("dim") or 512
+        first = next(_index_rows(output, table, settings, ok), None)
+        dim = first.schema.field("clap_embedding").type.list_size if first is not None else (old or {}).get("dim") or 512
         info["dim"] = dim
-        new = new.drop_columns(["clap_embedding"]).append_column("live", pa.array(np.ones(len(new), bool)))
+        schema = _meta_schema(output, table, settings, ok, first)
         writer = _TableWriter(files, table, gen, ann)
         entry = None if rebuild or not old else old["tables"][table]
         if entry is not None:
             with pa.memory_map(files.path(entry["meta"])) as source:
                 previous = pa.ipc.open_file(source).read_all()
-            keys_now = set(zip(new.column("clip_id").to_pylist(), new.column("run_id").to_pylist()))
-            keys_old = list(zip(previous.column("clip_id").to_pylist(), previous.column("run_id").to_pylist()))
-            live = np.array([k in keys_now for k in keys_old], bool) & np.asarray(previous.column("live"))
-            known = set(keys_old)
-            is_new = np.array([k not in known for k in zip(new.column("clip_id").to_pylist(),
-                                                           new.column("run_id").to_pylist())], bool)
-            added, added_vectors = new.filter(pa.array(is_new)), embeddings[is_new]
-            dead = 1 - (live.sum() + len(added)) / max(1, len(previous) + len(added))
+            now = [_keys(r) for r in _index_rows(output, table, settings, ok, ["clip_id", "run_id"])]
+            now = pa.chunked_array(now, pa.string()).combine_chunks() if now else pa.array([], pa.string())
+            before = _keys(previous)
+            live = np.asarray(pc.is_in(before, value_set=now)) & np.asarray(previous.column("live"))
+            added = len(now) - int(pc.sum(pc.is_in(now, value_set=before)).as_py() or 0)
+            dead = 1 - (live.sum() + added) / max(1, len(previous) + added)
             if dead > ann.rebuild_dead_fraction:
                 log.info("%s: %.0f%% of indexed rows replaced: full rebuild", table, dead * 100)
                 entry = None
         if entry is None:
-            table_out = new
-            info["tables"][table] = _fresh(writer, files, table_out, [embeddings], dim, ann)
+            info["tables"][table] = _fresh(writer, files, _parts(_index_rows(output, table, settings, ok)),
+                                           schema, dim, ann)
+            info["live"][table] = info["tables"][table]["rows"]
         else:
-            table_out = pa.concat_tables([previous.set_column(previous.schema.get_field_index("live"), "live",
-                                                              pa.array(live)), added])
-            info["tables"][table] = _extend(writer, files, entry, table_out, added_vectors, dim, ann)
-        info["rows"][table] = len(table_out)
-        info["live"][table] = int(np.asarray(table_out.column("live")).sum())
+            kept = previous.set_column(previous.schema.get_field_index("live"), "live", pa.array(live))
+            info["tables"][table] = _extend(writer, files, entry, kept.to_batches(),
+                                            _parts(_index_rows(output, table, settings, ok), before), kept.schema,
+                                            dim, ann)
+            info["live"][table] = int(live.sum()) + info["tables"][table]["rows"] - len(previous)
+        info["rows"][table] = info["tables"][table]["rows"]
     files.publish(info)
     log.info("index %s: %s rows (%s live), commits %s", index_dir(output), info["rows"], info["live"], covered)
     return info
+
+
+def _meta_schema(output: str, table: str, settings: str, ok: pa.Table, first: pa.Table | None) -> pa.Schema:
+    """The schema of a table's row metadata file (its index rows less the embedding, plus `live`)."""
+    if first is None:  # no rows: the columns' types from the (empty) current table
+        first = read_current(output, table, settings, columns=COLUMNS[table])
+        if table == "segments":
+            first = first.append_column("duration_s", pa.array([], pa.float64()))
+    return first.schema.remove(first.schema.get_field_index("clap_embedding")).append(pa.field("live", pa.bool_()))
 
 
 def _label_names(meta: dict) -> list[str]:
@@ -501,27 +572,19 @@ def write_synthetic_index(output: str, blocks: Iterable[np.ndarray] | np.ndarray
     files.new_stage()
     gen = uuid.uuid4().hex[:8]
     writer = _TableWriter(files, "segments", gen, ann)
-    counted = []
-
-    def counting(stream):
-        for block in stream:
-            counted.append(len(block))
-            yield block
-
     blocks = iter(blocks)
     first = next(blocks)
     dim = first.shape[1]
-    started = time.time()
-    vectors = writer.shards(counting(_chain(first, blocks)), dim)
-    n = sum(counted)
-    timings = {"write_s": round(time.time() - started, 1)}
-    log.info("wrote %d float16 rows in %.0f s", n, timings["write_s"])
-    schema = _synthetic_batch(0, 1).schema
-    meta = writer.meta((_synthetic_batch(s, min(1 << 20, n - s)) for s in range(0, n, 1 << 20)), schema)
-    store = VectorStore([(v["file"], v["rows"]) for v in vectors], dim,
-                        fetch=lambda name: os.path.join(files.stage, name))
-    index = _build_ann(store, ann, timings)
-    entry = {"rows": n, "meta": meta, **writer.ann_index(index), "vectors": vectors}
+
+    def parts():
+        start = 0
+        for block in _chain(first, blocks):
+            yield pa.Table.from_batches([_synthetic_batch(start, len(block))]), block
+            start += len(block)
+
+    timings = {}
+    entry = _fresh(writer, files, parts(), _synthetic_batch(0, 1).schema, dim, ann, timings)
+    n = entry["rows"]
     info = {"format": FORMAT, "settings_hash": "synthetic", "commits": [], "labels": ["synthetic"],
             "built_at": time.time(), "model": {"source": "synthetic", "revision": "none", "untrained": True},
             "ann": asdict(ann), "dim": dim, "rows": {t: n for t in TABLES}, "live": {t: n for t in TABLES},
@@ -540,8 +603,8 @@ def append_synthetic_index(output: str, vectors: np.ndarray, ann: AnnConfig = An
     writer = _TableWriter(files, "segments", uuid.uuid4().hex[:8], ann)
     with pa.memory_map(files.path(entry["meta"])) as source:
         previous = pa.ipc.open_file(source).read_all()
-    meta = pa.concat_tables([previous, pa.Table.from_batches([_synthetic_batch(entry["rows"], len(vectors))])])
-    entry = _extend(writer, files, entry, meta, vectors, info["dim"], ann)
+    added = [(pa.Table.from_batches([_synthetic_batch(entry["rows"], len(vectors))]), vectors)]
+    entry = _extend(writer, files, entry, previous.to_batches(), added, previous.schema, info["dim"], ann)
     n = entry["rows"]
     info.update(rows={t: n for t in TABLES}, live={t: n for t in TABLES}, tables={t: entry for t in TABLES},
                 built_at=time.time())
