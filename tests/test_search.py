@@ -62,6 +62,34 @@ def test_exact_search_equals_brute_force(tagged):
     assert len({h.clip_id for h in clip_hits}) == 4
 
 
+def test_index_built_a_few_rows_at_a_time_holds_the_same_rows(tagged, tmp_path, monkeypatch):
+    """The build streams the current table in batches: with batches of 3 rows the index holds the same
+    rows, metadata and vectors (row for row) as the one built from batches of 64k."""
+    import functools
+    import shutil
+
+    import pyarrow as pa
+
+    import pipeline.index as index
+
+    _, out = tagged
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("_index"))
+    monkeypatch.setattr(index, "_current_batches", functools.partial(index._current_batches, batch_rows=3))
+    small = build_index(str(copy))
+    big = Searcher(str(out)).info
+    for table in ("clips", "segments"):
+        assert small["rows"][table] == big["rows"][table] > 3
+        metas = []
+        for root, info in ((copy, small), (out, big)):
+            meta = pa.ipc.open_file(str(root / "_index" / info["tables"][table]["meta"])).read_all()
+            vectors = index.store_of(index.IndexFiles(str(root)), info["tables"][table], info["dim"])
+            metas.append(meta.drop_columns(["run_id"]).to_pandas().assign(
+                vector=list(vectors.get(np.arange(len(meta))))).sort_values(["clip_id", "start_s"]
+                                                                           if table == "segments" else ["clip_id"]))
+        pd.testing.assert_frame_equal(metas[0].reset_index(drop=True), metas[1].reset_index(drop=True))
+
+
 def test_text_query_matches_hf_clap_ranked_by_hand(tagged, checkpoints):
     _, out = tagged
     hits = Searcher(str(out)).text("dog barking in the rain", k=5, segments=True)
