@@ -427,13 +427,13 @@ def _search(driver, server, query: str, segments: bool = False, min_duration: st
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(server.url + "/")
-    WebDriverWait(driver, 20).until(lambda d: "clips" in d.find_element(By.ID, "info").text)
+    WebDriverWait(driver, 60).until(lambda d: "clips" in d.find_element(By.ID, "info").text)
     driver.find_element(By.ID, "q").send_keys(query)
     if segments:
         driver.find_element(By.ID, "segments").click()
     driver.find_element(By.ID, "min-duration").send_keys(min_duration)
     driver.find_element(By.ID, "go").click()
-    WebDriverWait(driver, 30).until(lambda d: "result" in d.find_element(By.ID, "status").text)
+    WebDriverWait(driver, 60).until(lambda d: "result" in d.find_element(By.ID, "status").text)
     return driver.find_elements(By.CSS_SELECTOR, "#results li.result")
 
 
