@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.arrow import to_matrix
+from pipeline.arrow import list_element, to_matrix
 from pipeline.commits import read_commits
 from pipeline.index import AnnConfig, fetch_index, project, store_of
 
@@ -150,7 +150,7 @@ class _Table:
             if filters.label not in labels:
                 raise SearchError(f"unknown label {filters.label!r}")
             column = labels.index(filters.label)
-            keep &= to_matrix(self.data.column("scores"))[:, column] >= filters.min_score
+            keep &= list_element(self.data.column("scores"), column) >= filters.min_score
         if filters.min_duration_s:
             durations = self.data.column("duration_s").to_numpy(zero_copy_only=False)
             keep &= np.nan_to_num(durations, nan=-1.0) >= filters.min_duration_s
