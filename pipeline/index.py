@@ -404,10 +404,10 @@ def _extend(writer: _TableWriter, files: IndexFiles, entry: dict, previous: Iter
     store = VectorStore([(v["file"], v["rows"]) for v in vectors], dim,
                         fetch=lambda name: os.path.join(files.stage, name) if name in staged else files.path(name))
     started = time.time()
-    if entry["ann"]:
+    if entry["ann"] and entry.get("codes"):
         index = read_ann(files.path(entry["ann"]), files.path(entry["codes"]))
         add_rows(index, store, first_row=previous_rows)
-    else:
+    else:  # no ANN yet (a small table), or one written before the flat codes: train one now
         index = _build_ann(store, ann)
     log.info("%s: %d rows appended in %.1f s", writer.table, len(store) - previous_rows, time.time() - started)
     return {"rows": writer.meta_rows, "meta": writer.meta_name, **writer.ann_index(index), "vectors": vectors}
