@@ -167,9 +167,10 @@ class Searcher:
                  subset_fraction: float = 0.3):
         """`nprobe`: IVF lists scanned per query (None: AnnConfig.probe_fraction of them); `rerank`: ANN
         candidates re-scored exactly per hit asked for. `exact_below`: searches over fewer matching rows
-        than this go exact (a gather of that many rows, ~1 ms; 10k rows took 9 ms at 1M, the filter's
-        own codes ~1.5 ms). `subset_fraction`: a filter keeping at most this fraction of the rows scans the PQ
-        codes of its rows only (all of them, no IVF probing); a wider one probes the IVF lists."""
+        than this go exact (a gather of that many rows, ~1 ms; 10k rows took 9.2 ms at 1M, the filter's
+        own codes 1.2 ms: BENCHMARKS.md, Search). `subset_fraction`: a filter keeping at most this
+        fraction of the rows scans the PQ codes of its rows only (all of them, no IVF probing); a wider
+        one probes the IVF lists."""
         self.output = output
         self.exact_below, self.subset_fraction = exact_below, subset_fraction
         files = fetch_index(output)
