@@ -46,6 +46,15 @@ class MotoS3:
         self._proc.wait()
         _forget_s3_filesystems()
 
+    def use(self, monkeypatch, cache_dir) -> None:
+        """Point boto, s3fs and pyarrow at this server (test credentials) and the model/index cache at
+        `cache_dir`, for the rest of the test."""
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
+                           "AUDIO_TAGGING_CACHE": str(cache_dir)}.items():
+            monkeypatch.setenv(key, value)
+        _forget_s3_filesystems()
+
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s

@@ -314,11 +314,7 @@ def test_index_in_object_storage_loads_lazily(tmp_path, monkeypatch):
     vectors, queries = synthetic(30_000, seed=3)
     ann = AnnConfig(shard_rows=16_384)  # two shards
     with MotoS3() as moto:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto.endpoint,
-                           "AUDIO_TAGGING_CACHE": str(tmp_path / "cache")}.items():
-            monkeypatch.setenv(key, value)
-        s3fs.S3FileSystem.clear_instance_cache()
+        moto.use(monkeypatch, tmp_path / "cache")
         try:
             fsspec.filesystem("s3").mkdir("indexes")
             info = write_synthetic_index("s3://indexes/out", vectors, ann)

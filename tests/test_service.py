@@ -225,11 +225,7 @@ def test_service_over_an_index_in_object_storage(tagged, monkeypatch, tmp_path):
     _, out, _ = tagged
     local = create_app(str(out), preload=False)
     with MotoS3() as moto:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto.endpoint,
-                           "AUDIO_TAGGING_CACHE": str(tmp_path / "cache")}.items():
-            monkeypatch.setenv(key, value)
-        s3fs.S3FileSystem.clear_instance_cache()
+        moto.use(monkeypatch, tmp_path / "cache")
         try:
             fs = fsspec.filesystem("s3")
             fs.mkdir("tagged")
