@@ -78,7 +78,8 @@ class _Table:
     MASKS_KEPT = 16  # per-filter masks cached (10 MB each at 10M rows): a service sees the same filters often
 
     def __init__(self, files, entry: dict, dim: int, nprobe: int, rerank: int):
-        self._source = pa.memory_map(files.path(entry["meta"]))
+        self._meta_path = files.path(entry["meta"])
+        self._source = pa.memory_map(self._meta_path)
         self.data = pa.ipc.open_file(self._source).read_all()
         self.vectors = store_of(files, entry, dim)
         self.live = np.asarray(self.data.column("live"))
@@ -144,13 +145,23 @@ class _Table:
                 self._masks.popitem(last=False)
         return found
 
+    def _label_scores(self, label: int) -> np.ndarray:
+        """One label's score per row, read a record batch at a time with plain reads rather than through
+        the memory map: rows hold every label's score (527 x 4 B), so reading one label through the map
+        would leave every page of the scores resident in this process (21 GB at 10M windows)."""
+        with pa.OSFile(self._meta_path) as source:
+            reader = pa.ipc.open_file(source)
+            parts = [list_element(reader.get_batch(i).column("scores"), label)
+                     for i in range(reader.num_record_batches)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
     def _keep(self, filters: Filters, labels: list[str]) -> np.ndarray:
         keep = self.live.copy()
         if filters.label:
             if filters.label not in labels:
                 raise SearchError(f"unknown label {filters.label!r}")
             column = labels.index(filters.label)
-            keep &= list_element(self.data.column("scores"), column) >= filters.min_score
+            keep &= self._label_scores(column) >= filters.min_score
         if filters.min_duration_s:
             durations = self.data.column("duration_s").to_numpy(zero_copy_only=False)
             keep &= np.nan_to_num(durations, nan=-1.0) >= filters.min_duration_s

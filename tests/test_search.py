@@ -114,8 +114,8 @@ def test_filters_keep_k_results(tagged):
     prefix = str(Path(clips.uri[clips.uri.str.contains("/a/")].iloc[0]).parent)
     hits = searcher.vector(q, 10, Filters(uri_prefix=prefix))
     assert {h.clip_id for h in hits} == a_ids
-    label = searcher.labels[0]
-    scores = np.stack(read_current(str(out), "segments").to_pandas().scores)[:, 0]
+    label = searcher.labels[-1]  # not the first: the filter must read this label's column
+    scores = np.stack(read_current(str(out), "segments").to_pandas().scores)[:, -1]
     threshold = float(np.sort(scores)[len(scores) // 2])
     hits = searcher.vector(q, 50, Filters(label=label, min_score=threshold), segments=True)
     assert len(hits) == int((scores >= threshold).sum()) and all(h.start_s is not None for h in hits)
