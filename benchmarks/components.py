@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import cpu_model
 from benchmarks.corpus import make_corpus
 from benchmarks.features import one_thread
 
@@ -147,11 +148,6 @@ def summarise(times: dict) -> dict:
     return out
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main(argv=None) -> int:

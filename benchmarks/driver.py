@@ -40,10 +40,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from benchmarks import machine, write_result
 
 log = logging.getLogger("benchmarks.driver")
 
@@ -52,16 +53,6 @@ BATCH = 256          # windows per batch from the CLAP actors (GPU_BATCH)
 TOP_K = 5            # the job's default
 
 
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo ('' if unknown)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or ""
 
 
 def _window_batches(total: int, per_file: int, seed: int = 0) -> list[pa.Table]:
@@ -291,15 +282,13 @@ def main(argv=None) -> int:
               f"{r['driver_cpu_ms_per_1000_windows']:>19.1f}")
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "cpu_model": cpu_model()},
+              "machine": machine(),
               "load_avg_1min_at_start": load_start, "load_avg_1min_at_end": os.getloadavg()[0],
               "python": platform.python_version(), "pyarrow": pa.__version__,
               "widths": {"labels": NUM_LABELS, "ast_dim": AST_DIM, "clap_dim": CLAP_DIM},
               "batch_windows": BATCH, "top_k": TOP_K, "rows_per_part": 20_000,
               "aggregate_write": agg, "skip_check": skip, "ray_driver": streamed}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    log.info("wrote %s", args.out)
+    write_result(args.out, result)
     return 0
 
 

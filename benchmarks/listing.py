@@ -42,6 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from benchmarks import machine, write_result
+
 log = logging.getLogger("benchmarks.listing")
 
 GENERATE_ROWS = 1_000_000  # rows per generated chunk (and Parquet row group)
@@ -161,12 +163,6 @@ def measure(variant: str, manifest: str, done: str, chunk_rows: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor() or ""
 
 
 def main(argv=None) -> int:
@@ -217,14 +213,12 @@ def main(argv=None) -> int:
               f"~{extrapolated['peak_rss_growth_bytes'] / 1e9:.1f} GB, ~{extrapolated['wall_s']:.0f} s")
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "cpu_model": cpu_model()},
+              "machine": machine(),
               "load_avg_1min_at_start": load_start, "load_avg_1min_at_end": os.getloadavg()[0],
               "python": platform.python_version(), "pyarrow": pa.__version__, "numpy": np.__version__,
               "rows": args.rows, "done_rows": args.rows // 2, "chunk_rows": args.chunk_rows, "runs": results,
               "old_extrapolated": extrapolated if old["rows"] != args.rows else None}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    log.info("wrote %s", args.out)
+    write_result(args.out, result)
     return 0
 
 
