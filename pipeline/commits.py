@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import delta
-from pipeline.writer import METADATA_KEY, OutputError, remove_quietly
+from pipeline.writer import METADATA_KEY, OutputError, remove_quietly, write_part
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +121,9 @@ def adoptable_parts(output: str, found: dict[str, list[str]]) -> dict[str, list[
             segments.append(path)
             continue
         if kept:
-            copy = path[: -len(".parquet")] + "-adopted.parquet"
-            temp = copy.rsplit("/", 1)[0] + "/_tmp-" + copy.rsplit("/", 1)[1]
-            try:
-                with fs.open(temp, "wb") as f:
-                    pq.write_table(part.filter(keep), f, compression="zstd")  # keeps the schema's run metadata
-                fs.mv(temp, copy)
-            except OSError as e:
-                remove_quietly(fs, temp)
-                raise OutputError(f"cannot write results to {output}: {e}") from e
-            segments.append(copy)
+            directory, name = path.rsplit("/", 1)
+            # the schema's run metadata comes with the rows
+            segments.append(write_part(fs, directory, name[: -len(".parquet")] + "-adopted.parquet", part.filter(keep)))
         log.info("adopting %d of the %d windows in %s: the others belong to clips with no complete clip row",
                  kept, len(part), path)
         fs.rm(path)

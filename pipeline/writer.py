@@ -61,17 +61,7 @@ class PartWriter:
             return
         table = pa.concat_tables(self._buffer).replace_schema_metadata(self.schema.metadata)
         validate_table(table, self.schema)
-        name = f"{name or f'part-{len(self.files):05d}'}.parquet"
-        final, temp = f"{self.directory}/{name}", f"{self.directory}/_tmp-{name}"
-        try:
-            self.fs.makedirs(self.directory, exist_ok=True)
-            with self.fs.open(temp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-            self.fs.mv(temp, final)
-        except OSError as e:
-            remove_quietly(self.fs, temp)
-            raise OutputError(f"cannot write results to {self.directory}: {e}. Nothing of this run is "
-                              "committed; complete parts are adopted by the next run") from e
+        final = write_part(self.fs, self.directory, f"{name or f'part-{len(self.files):05d}'}.parquet", table)
         self.files.append(final)
         self.rows_written += len(table)
         log.debug("wrote %d rows to %s", len(table), final)
@@ -112,6 +102,22 @@ def check_writable(output: str) -> None:
         fs.rm(probe)
     except OSError as e:
         raise OutputError(f"output location {output!r} is not writable: {e}") from e
+
+
+def write_part(fs, directory: str, name: str, table: pa.Table) -> str:
+    """Write `table` as the part file `directory`/`name` under a temporary name, then rename it: a part
+    file that exists is complete. Returns its path; OutputError if it cannot be written."""
+    final, temp = f"{directory}/{name}", f"{directory}/_tmp-{name}"
+    try:
+        fs.makedirs(directory, exist_ok=True)
+        with fs.open(temp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        fs.mv(temp, final)
+    except OSError as e:
+        remove_quietly(fs, temp)
+        raise OutputError(f"cannot write results to {directory}: {e}. Nothing of this run is "
+                          "committed; complete parts are adopted by the next run") from e
+    return final
 
 
 def remove_quietly(fs, path: str) -> None:
