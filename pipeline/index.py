@@ -440,16 +440,15 @@ def _current_batches(output: str, table: str, settings_hash: str, columns: list[
 
 def _ok_clips(output: str, settings_hash: str) -> pa.Table:
     """clip_id and duration_s of the current clips whose status is ok (~50 B a file)."""
-    batches = [b.filter(pc.equal(b.column("status"), "ok")).select(["clip_id", "duration_s"])
-               for b in _current_batches(output, "clips", settings_hash, ["clip_id", "duration_s", "status"])]
-    return pa.Table.from_batches(batches) if batches else pa.table({"clip_id": pa.array([], pa.string()),
-                                                                    "duration_s": pa.array([], pa.float64())})
+    parts = list(_index_rows(output, "clips", settings_hash, None, ["clip_id", "duration_s"]))
+    return pa.concat_tables(parts) if parts else pa.table({"clip_id": pa.array([], pa.string()),
+                                                           "duration_s": pa.array([], pa.float64())})
 
 
-def _index_rows(output: str, table: str, settings_hash: str, ok: pa.Table,
+def _index_rows(output: str, table: str, settings_hash: str, ok: pa.Table | None,
                 columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The rows an index table holds, as tables of COLUMNS[table] (or `columns` of them) + duration_s for
-    segments: clips whose status is ok, and the windows of the current clips."""
+    segments (from `ok`, see `_ok_clips`): clips whose status is ok, and the windows of the current clips."""
     full, columns = columns is None, columns or COLUMNS[table]
     wanted = columns + (["status"] if table == "clips" else [])
     for batch in _current_batches(output, table, settings_hash, wanted):

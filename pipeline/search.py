@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.arrow import list_element, to_matrix
+from pipeline.arrow import list_element
 from pipeline.commits import read_commits
 from pipeline.index import AnnConfig, fetch_index, project, store_of
 
