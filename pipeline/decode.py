@@ -82,8 +82,10 @@ class Decoder:
         waves = {r: self._resample(mono, rate, r) for r in self.config.rates}
         return Audio(waves, duration_s, rate, channels, decoder, _shortfall(len(mono), declared, rate))
 
-    def decode_file(self, uri: str) -> Audio:
-        """Read `uri` (pipeline/storage.py: storage errors are DecodeErrors) and decode it."""
+    def decode_file(self, uri: str, lend: bool = False) -> Audio:
+        """Read `uri` (pipeline/storage.py: storage errors are DecodeErrors) and decode it. `lend` is
+        IsolatedDecoder's (waveforms that may be views of a reused buffer); here they are always the
+        caller's own."""
         from pipeline.storage import read_bytes  # storage imports this module
 
         return self(read_bytes(uri))

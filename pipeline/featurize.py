@@ -126,7 +126,7 @@ class Featurize:
         try:
             if file.get("listing_error"):
                 raise DecodeError(file["listing_error"])
-            audio = shared_decoder(self._decode_config).decode_file(file["uri"])
+            audio = shared_decoder(self._decode_config).decode_file(file["uri"], lend=True)
         except DecodeError as e:
             log.info("%s: %s", file["uri"], e)
             yield ({**file, "status": "error", "error": e.reason, "error_detail": e.detail or None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import mmap
 import os
 import shutil
 import struct
@@ -169,6 +170,31 @@ def test_the_decoder_child_reads_local_files_itself(tmp_path):
                 decoder.decode_file(str(uri))
             assert info.value.reason == reason
         assert decoder(GOOD["plain.flac"]).duration_s == 12.0  # bytes still work after path requests
+    finally:
+        decoder.close()
+
+
+def test_waveforms_come_through_shared_memory_and_long_ones_through_the_pipe(tmp_path):
+    """Lent waveforms are views of the shared buffer; copies (the default) outlive the next
+    file's decode; a file whose waveforms do not fit the buffer comes over the pipe, with the same values."""
+    a, b, long = tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "long.flac"
+    sf.write(a, signal(1.0, 22_050), 22_050)
+    sf.write(b, signal(1.5, 44_100, seed=1), 44_100)
+    long.write_bytes(GOOD["plain.flac"])  # 12 s: 3 MB of waveforms at 16 + 48 kHz
+    expected = {p: Decoder().decode_file(str(p)).waves for p in (a, b, long)}
+    decoder = IsolatedDecoder(DecodeConfig(), shared_bytes=1 << 20)
+    try:
+        lent_a = decoder.decode_file(str(a), lend=True).waves
+        for rate, wave in expected[a].items():
+            np.testing.assert_array_equal(lent_a[rate], wave)
+            assert isinstance(lent_a[rate].base.obj, mmap.mmap)
+        owned_a = decoder.decode_file(str(a)).waves
+        piped = decoder.decode_file(str(long), lend=True).waves  # too long for 1 MiB: the pipe
+        lent_b = decoder.decode_file(str(b), lend=True).waves    # overwrites the shared buffer
+        for path, waves in ((a, owned_a), (long, piped), (b, lent_b)):
+            for rate, wave in expected[path].items():
+                np.testing.assert_array_equal(waves[rate], wave)
+        assert all(w.base is None for w in (*owned_a.values(), *piped.values()))  # their own memory
     finally:
         decoder.close()
 
