@@ -3,7 +3,7 @@
 The `pipeline` package of `--before` (a git ref) is exported to a temporary directory under the name
 `pipeline_before`, so both versions load side by side; for each clip (10 s, 44.1 kHz stereo FLAC,
 benchmarks/corpus.py) and each version, in alternating order, one thread, it times:
-- read_bytes: the file's bytes (pipeline/storage.py), local file;
+- read_bytes: the file's bytes (pipeline/tagging/storage.py), local file;
 - decode: `Decoder` in-process (libsndfile, downmix, checks, soxr HQ to 16 and 48 kHz);
 - ast_fbank, clap_mel: one window each, into a preallocated slot as featurize does;
 - featurize_in_process: `Featurize` on the file with the decoder in-process (cpu_cost's measure);
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -46,10 +47,10 @@ def export_before(ref: str, root: Path) -> str:
                          capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(root)], input=tar, check=True)
     (root / "pipeline").rename(root / "pipeline_before")
-    for f in (root / "pipeline_before").glob("*.py"):
+    for f in (root / "pipeline_before").rglob("*.py"):
         f.write_text(re.sub(r"\bpipeline\.", "pipeline_before.", f.read_text()))
     sys.path.insert(0, str(root))
-    # decoder children run `python -m pipeline_before.isolation`
+    # decoder children run `python -m pipeline_before.tagging.isolation` (`pipeline_before.isolation` before the split)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(root), str(repo), os.environ.get("PYTHONPATH", "")])
     return subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", ref], check=True,
                           capture_output=True, text=True).stdout.strip()
@@ -65,15 +66,22 @@ def child_cpu_s(pid: int | None) -> float:
     return total / 1e9
 
 
+def tagging_module(package: str, name: str):
+    """Module `name` of the tagging job in one version of the pipeline package: under `tagging/` since
+    the package was split into subsystem folders, at the package's top level in refs before that."""
+    tagging = f"{package}.tagging"
+    return importlib.import_module(f"{tagging if importlib.util.find_spec(tagging) else package}.{name}")
+
+
 def version_jobs(package: str, files: list[Path]) -> dict:
     """name -> (fn(i) -> child pid or None) for one version of the pipeline package."""
     import pyarrow as pa  # noqa: F401  (Featurize's tables)
 
-    decode = importlib.import_module(f"{package}.decode")
-    storage = importlib.import_module(f"{package}.storage")
-    featurize = importlib.import_module(f"{package}.featurize")
-    isolation = importlib.import_module(f"{package}.isolation")
-    sources = importlib.import_module("pipeline.sources")
+    decode = tagging_module(package, "decode")
+    storage = tagging_module(package, "storage")
+    featurize = tagging_module(package, "featurize")
+    isolation = tagging_module(package, "isolation")
+    sources = importlib.import_module("pipeline.tagging.sources")
     config = featurize.FeaturizeConfig()
     in_process, isolated = featurize.Featurize(config), featurize.Featurize(config)
     in_process(sources.list_inputs(sources.ListingConfig(str(files[0]))))  # builds the extractors

@@ -71,7 +71,7 @@ def role(pid: int) -> str:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "gone"
-    for key, name in (("pipeline.isolation", "decoder_child"), ("gcs_server", "ray_gcs"), ("raylet", "raylet"),
+    for key, name in (("pipeline.tagging.isolation", "decoder_child"), ("gcs_server", "ray_gcs"), ("raylet", "raylet"),
                       ("WriteResults", "sink_task"),  # a task worker's title names the task it runs now
                       ("Featurize", "featurize_worker"), ("ray::IDLE", "featurize_worker"),  # idle task workers
                       ("AstTagger", "ast_actor"), ("ClapEmbedder", "clap_actor"),
@@ -106,7 +106,7 @@ def tree_delta(before: dict, after: dict) -> dict[str, float]:
 
 
 def run_job(root: Path, models: dict, audio: Path, name: str) -> dict:
-    from pipeline.job import TagJobConfig, run_tag_job
+    from pipeline.tagging.job import TagJobConfig, run_tag_job
 
     tree0, busy0, wall0 = tree_cpu(), machine_busy_s(), time.perf_counter()
     summary = run_tag_job(TagJobConfig(input=str(audio), output=str(root / "out" / name),
@@ -126,14 +126,14 @@ def floor_and_parts(files: list[Path], models: dict, repeats: int = 3) -> dict:
     import soxr
     import torch
 
-    import pipeline.featurize as featurize_module
-    from pipeline.decode import Decoder
-    from pipeline.embedder import ClapEmbedder
-    from pipeline.featurize import Featurize
-    from pipeline.job import TagJobConfig, model_stages
-    from pipeline.resources import ResourcePlan
-    from pipeline.sources import ListingConfig, list_inputs
-    from pipeline.tagger import AstTagger
+    import pipeline.tagging.featurize as featurize_module
+    from pipeline.tagging.decode import Decoder
+    from pipeline.tagging.embedder import ClapEmbedder
+    from pipeline.tagging.featurize import Featurize
+    from pipeline.tagging.job import TagJobConfig, model_stages
+    from pipeline.tagging.resources import ResourcePlan
+    from pipeline.tagging.sources import ListingConfig, list_inputs
+    from pipeline.tagging.tagger import AstTagger
 
     datas = [f.read_bytes() for f in files]
     zeros = torch.zeros((998, 512))
@@ -251,7 +251,7 @@ def summarise(runs: dict, small: int, large: int, parts: dict) -> dict:
         "ratio_process_tree_over_floor": round(tree_ms / parts["floor"], 2),
         "one_thread_ms": {k: round(v, 2) for k, v in parts.items()},
         # what a GPU node's CPUs do per clip: the job less the tiny models' forward passes (which a GPU
-        # runs); pipeline/resources.py's FEATURE_WINDOWS_PER_CORE is 1000 / this
+        # runs); pipeline/tagging/resources.py's FEATURE_WINDOWS_PER_CORE is 1000 / this
         "cpu_side_ms_per_clip": round(min(machine_ms, tree_ms) - models_ms, 2),
         "ratio_cpu_side_over_floor": round((min(machine_ms, tree_ms) - models_ms) / parts["floor"], 2),
         "steady_clips_per_s": round(steady, 2),

@@ -9,7 +9,7 @@ one file's windows contiguous and in order. Timed: process CPU time (all threads
 `iter_batches` itself (pulling ~7.3 KB per window from the object store), so the job's real ceiling
 is lower. Two shapes: 1-window files (10 s) and 36-window files (6 min).
 
-(b) Skip check. `pipeline.job._new_or_changed` (Arrow `is_in` on one composite identity key when
+(b) Skip check. `pipeline.tagging.job._new_or_changed` (Arrow `is_in` on one composite identity key when
 driver.json was measured; since issue 14 it is `skip.DoneSet`, see benchmarks/listing.py) on N
 listed FILE_SCHEMA rows against 0.9 N done rows (IDENTITY columns), against a Python baseline (a set
 of (clip_id, size_bytes, modified, etag) tuples, then a membership mask: the job's code before
@@ -57,7 +57,7 @@ TOP_K = 5            # the job's default
 
 def _window_batches(total: int, per_file: int, seed: int = 0) -> list[pa.Table]:
     """`total` window rows of ok files with `per_file` windows each (10 s windows), in BATCH-row tables."""
-    from pipeline.aggregate import FILE_COLUMNS
+    from pipeline.tagging.aggregate import FILE_COLUMNS
     from pipeline.arrow import fixed_list
 
     rng = np.random.default_rng(seed)
@@ -94,8 +94,8 @@ def _window_batches(total: int, per_file: int, seed: int = 0) -> list[pa.Table]:
 
 def aggregate_write(total: int, per_file: int, rows_per_file: int = 20_000) -> dict:
     """CPU seconds of the driver's aggregate + write loop over `total` windows of `per_file`-window files."""
-    from pipeline.aggregate import ClipAggregator, clips_table
-    from pipeline.writer import PartWriter, RunWriters
+    from pipeline.tagging.aggregate import ClipAggregator, clips_table
+    from pipeline.tagging.writer import PartWriter, RunWriters
     from schemas import clips_schema, segments_schema
 
     batches = _window_batches(total, per_file)
@@ -124,8 +124,8 @@ def aggregate_write(total: int, per_file: int, rows_per_file: int = 20_000) -> d
 
 def _tables(n: int, done_fraction: float = 0.9) -> tuple[pa.Table, pa.Table]:
     """N listed FILE_SCHEMA rows and the IDENTITY columns of the first done_fraction of them."""
-    from pipeline.commits import IDENTITY
-    from pipeline.sources import FILE_SCHEMA
+    from pipeline.tagging.commits import IDENTITY
+    from pipeline.tagging.sources import FILE_SCHEMA
 
     rng = np.random.default_rng(1)
     uris = [f"s3://bucket/audio/{i % 997:03d}/file_{i:09d}.flac" for i in range(n)]
@@ -143,7 +143,7 @@ def _tables(n: int, done_fraction: float = 0.9) -> tuple[pa.Table, pa.Table]:
 def python_set_anti_join(listed: pa.Table, done: pa.Table) -> pa.Table:
     """Baseline (pipeline/job.py before df57bde): listed rows whose IDENTITY tuple is not in a Python set
     of the done rows' tuples."""
-    from pipeline.commits import IDENTITY
+    from pipeline.tagging.commits import IDENTITY
 
     keys = set(zip(*(done.column(c).to_pylist() for c in IDENTITY)))
     mask = [k not in keys for k in zip(*(listed.column(c).to_pylist() for c in IDENTITY))]
@@ -169,7 +169,7 @@ def _rss_kb() -> int:
 
 def skip_worker(variant: str, n: int) -> dict:
     """Run one skip-check variant in this process: CPU seconds and peak RSS growth (bytes) of the call."""
-    from pipeline.job import _new_or_changed
+    from pipeline.tagging.job import _new_or_changed
 
     listed, done = _tables(n)
     try:  # reset the high-water mark so building the tables does not count
@@ -204,10 +204,10 @@ def ray_driver(total: int, per_file: int, mode: str, workers: int) -> dict:
     the workers and the driver's Collector gets one row per batch (the job now)."""
     import ray
 
-    from pipeline.aggregate import ClipAggregator, clips_table
-    from pipeline.sink import Collector, SinkConfig, WriteResults
-    from pipeline.summary import RunSummary
-    from pipeline.writer import PartWriter, RunWriters
+    from pipeline.tagging.aggregate import ClipAggregator, clips_table
+    from pipeline.tagging.sink import Collector, SinkConfig, WriteResults
+    from pipeline.tagging.summary import RunSummary
+    from pipeline.tagging.writer import PartWriter, RunWriters
     from schemas import clips_schema, segments_schema
 
     batches = _window_batches(total, per_file)

@@ -8,7 +8,7 @@ FLOPs per window are counted (torch.utils.flop_counter) on the published archite
 (AST base 768x12 on 1024x128 fbank; CLAP HTSAT-tiny audio tower on 1x1001x64 mel), random weights. The
 feature rate per core is read from benchmarks/results/features.json (python -m benchmarks.features).
 GPU peaks are spec-sheet dense tensor figures; the achieved fraction is an assumption (--mfu), not a
-measurement: no GPU was available. pipeline/resources.py uses the same formula to warn when a cluster
+measurement: no GPU was available. pipeline/tagging/resources.py uses the same formula to warn when a cluster
 has too few CPUs per GPU.
 
 Usage: python -m benchmarks.gpu_sizing [--mfu 0.3] [--out benchmarks/results/gpu_sizing.json]
@@ -24,7 +24,7 @@ import platform
 import time
 from pathlib import Path
 
-from pipeline.resources import GPU_MFU, GPU_PEAK_TFLOPS
+from pipeline.tagging.resources import GPU_MFU, GPU_PEAK_TFLOPS
 
 log = logging.getLogger("benchmarks.gpu_sizing")
 
@@ -55,7 +55,8 @@ def feature_rates(path: Path) -> dict[str, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mfu", type=float, default=GPU_MFU,
-                   help="achieved fraction of peak FLOP/s (default: pipeline.resources.GPU_MFU, measured on an H100)")
+                   help="achieved fraction of peak FLOP/s "
+                        "(default: pipeline.tagging.resources.GPU_MFU, measured on an H100)")
     p.add_argument("--features", default="benchmarks/results/features.json")
     p.add_argument("--cpu-cost", default="benchmarks/results/cpu_cost.json",
                    help="python -m benchmarks.cpu_cost's result: the job's CPU side per clip (column 'job')")

@@ -45,7 +45,7 @@ DEFAULTS = {"tiny": {"files": 256, "repeats": 3, "naive_files": 32},
 
 
 def run_job(root: Path, models: dict, audio: Path, name: str) -> tuple[float, dict]:
-    from pipeline.job import TagJobConfig, run_tag_job
+    from pipeline.tagging.job import TagJobConfig, run_tag_job
 
     started = time.perf_counter()
     summary = run_tag_job(TagJobConfig(input=str(audio), output=str(root / "out" / name),
@@ -61,10 +61,10 @@ class Bound:
 
     def __init__(self, models: dict, audio: Path, threads: int):
         from benchmarks.models import preload
-        from pipeline.embedder import ClapEmbedder
-        from pipeline.job import TagJobConfig, model_stages
-        from pipeline.resources import ResourcePlan
-        from pipeline.tagger import AstTagger
+        from pipeline.tagging.embedder import ClapEmbedder
+        from pipeline.tagging.job import TagJobConfig, model_stages
+        from pipeline.tagging.resources import ResourcePlan
+        from pipeline.tagging.tagger import AstTagger
 
         cfg = TagJobConfig(input=str(audio), output="unused", ast_model=models["ast"], clap_model=models["clap"])
         stages = model_stages(cfg, ResourcePlan(1, 1, 0.0, threads, threads, threads, threads))
@@ -86,7 +86,7 @@ class Bound:
 
 def job_vs_naive(out: Path, naive_tags: list, naive_embeddings: np.ndarray, files: list[Path]) -> dict:
     """Top-5 label agreement and CLAP cosine of the job's rows against the naive loop's outputs."""
-    from pipeline.commits import read_current
+    from pipeline.tagging.commits import read_current
 
     clips = read_current(str(out)).to_pandas()
     clips = clips.set_index(clips.uri.str.rsplit("/", n=1).str[-1])

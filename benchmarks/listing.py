@@ -52,7 +52,7 @@ GENERATE_ROWS = 1_000_000  # rows per generated chunk (and Parquet row group)
 def generate(directory: Path, rows: int, txt_rows: int) -> dict[str, str]:
     """manifest.parquet (N rows), manifest.txt (its first txt_rows URIs) and done.parquet (IDENTITY
     columns of the first N/2 rows), written a chunk at a time."""
-    from pipeline.commits import IDENTITY
+    from pipeline.tagging.commits import IDENTITY
 
     paths = {"parquet": str(directory / "manifest.parquet"), "txt": str(directory / "manifest.txt"),
              "done": str(directory / "done.parquet")}
@@ -83,7 +83,7 @@ def generate(directory: Path, rows: int, txt_rows: int) -> dict[str, str]:
 # The path before issue 14 (pipeline/sources.py and pipeline/job.py at cd50b72), for the baseline.
 
 def old_list_manifest(manifest: str, threads: int = 32) -> pa.Table:
-    from pipeline.sources import FILE_SCHEMA, _modified, _stat, clip_id_for
+    from pipeline.tagging.sources import FILE_SCHEMA, _modified, _stat, clip_id_for
 
     table = old_read_manifest(manifest)
     uris = [u.strip() if u else "" for u in table.column("uri").to_pylist()]
@@ -113,7 +113,7 @@ def old_read_manifest(manifest: str) -> pa.Table:
 
 
 def old_new_or_changed(listed: pa.Table, done: pa.Table) -> pa.Table:
-    from pipeline.skip import identity_key  # the same key function, moved from job.py
+    from pipeline.tagging.skip import identity_key  # the same key function, moved from job.py
 
     return listed.filter(pc.invert(pc.is_in(identity_key(listed), value_set=identity_key(done))))
 
@@ -128,9 +128,9 @@ def _status_kb(field: str) -> int:
 
 def worker(variant: str, manifest: str, done_path: str, chunk_rows: int) -> dict:
     """Run one variant in this process: rows listed and new, wall and CPU seconds, peak RSS growth."""
-    from pipeline.commits import IDENTITY
-    from pipeline.skip import DoneSet
-    from pipeline.sources import ListingConfig, iter_inputs
+    from pipeline.tagging.commits import IDENTITY
+    from pipeline.tagging.skip import DoneSet
+    from pipeline.tagging.sources import ListingConfig, iter_inputs
 
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: imports do not count
         f.write("5")

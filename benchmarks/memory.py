@@ -85,7 +85,7 @@ def _run_one(files: int, root: Path) -> None:
 
     from benchmarks.corpus import make_corpus
     from pipeline.demo import build_tiny_ast, build_tiny_clap
-    from pipeline.job import TagJobConfig, run_tag_job
+    from pipeline.tagging.job import TagJobConfig, run_tag_job
 
     make_corpus(root / "audio", files)
     ast, clap = build_tiny_ast(root / "models" / "ast"), build_tiny_clap(root / "models" / "clap")

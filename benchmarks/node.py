@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 # Before torch loads: the bound runs its models in this process, whose OpenMP threads should sleep, not
-# spin, between ops, as the job's model actors do (pipeline.job.MODEL_ENV).
+# spin, between ops, as the job's model actors do (pipeline.tagging.job.MODEL_ENV).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 log = logging.getLogger("benchmarks.node")
 RATE, SECONDS = 44_100, 10.0
@@ -111,7 +111,7 @@ def _cpu_times() -> tuple[int, int]:
 
 
 def run_job(models: dict, audio: Path, out: Path, precision: str) -> tuple[float, dict]:
-    from pipeline.job import TagJobConfig, run_tag_job
+    from pipeline.tagging.job import TagJobConfig, run_tag_job
 
     started = time.perf_counter()
     summary = run_tag_job(TagJobConfig(input=str(audio), output=str(out), ast_model=models["ast"],
@@ -128,10 +128,10 @@ def bound(models: dict, precision: str, windows: int) -> dict:
     import torch
 
     from pipeline.arrow import blobs_from_rows
-    from pipeline.embedder import ClapEmbedder
-    from pipeline.job import TagJobConfig, model_stages
-    from pipeline.resources import plan_resources
-    from pipeline.tagger import AstTagger
+    from pipeline.tagging.embedder import ClapEmbedder
+    from pipeline.tagging.job import TagJobConfig, model_stages
+    from pipeline.tagging.resources import plan_resources
+    from pipeline.tagging.tagger import AstTagger
 
     plan = plan_resources(ray.cluster_resources())
     stages = model_stages(TagJobConfig(input=".", output=".", ast_model=models["ast"], clap_model=models["clap"],
@@ -184,8 +184,8 @@ def precision_deviation(stages, ast, clap, rows) -> dict:
     import torch
 
     from pipeline.arrow import to_matrix
-    from pipeline.embedder import ClapEmbedder
-    from pipeline.tagger import AstTagger
+    from pipeline.tagging.embedder import ClapEmbedder
+    from pipeline.tagging.tagger import AstTagger
 
     fp32 = (AstTagger(type(stages.tagger)(**{**stages.tagger.__dict__, "precision": "fp32"})),
             ClapEmbedder(type(stages.embedder)(**{**stages.embedder.__dict__, "precision": "fp32"})))

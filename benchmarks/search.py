@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.index import AnnConfig, append_synthetic_index, write_synthetic_index
+from pipeline.retrieval.index import AnnConfig, append_synthetic_index, write_synthetic_index
 
 FILTERS = {"label >= 0.9 (10%)": {"label": "synthetic", "min_score": 0.9},
            "uri prefix (11%)": {"uri_prefix": "synthetic://1"},
@@ -101,7 +101,7 @@ def _build(out: str, n: int, ann: AnnConfig) -> dict:
 def _truth(out: str, queries: np.ndarray, k: int, single: int, filters: list[str] | None = None) -> dict:
     """Exact top-k per query (the product's exact path, all queries in one pass per shard), per filter,
     and the latency of single exact queries."""
-    from pipeline.search import Filters, Searcher
+    from pipeline.retrieval.search import Filters, Searcher
 
     searcher = Searcher(out, exact=True)
     table = searcher.tables["segments"]
@@ -125,7 +125,7 @@ def _filters(names: list[str] | None) -> dict:
 def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[tuple[int, int]],
             filter_exponent: float = AnnConfig.filter_probe_exponent) -> dict:
     """Latency and recall@k of the ANN path, per (nprobe, rerank), unfiltered and filtered."""
-    from pipeline.search import Filters, Searcher
+    from pipeline.retrieval.search import Filters, Searcher
 
     started = time.perf_counter()
     searcher = Searcher(out)
@@ -166,7 +166,7 @@ def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[t
 
 
 def _update(out: str, n: int, added: int, ann: AnnConfig) -> dict:
-    from pipeline.search import Searcher
+    from pipeline.retrieval.search import Searcher
 
     vectors = np.concatenate(list(synthetic_blocks(n + added, first=n, seed=0)))
     started = time.time()

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from pipeline.index import AnnConfig, build_index
+from pipeline.retrieval.index import AnnConfig, build_index
 
 
 def main(argv=None) -> int:

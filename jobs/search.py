@@ -16,7 +16,7 @@ import sys
 
 import fsspec
 
-from pipeline.search import Filters, Searcher, SearchError
+from pipeline.retrieval.search import Filters, Searcher, SearchError
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 1000

@@ -11,8 +11,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.search import SearchError
-from pipeline.service import serve
+from pipeline.retrieval.search import SearchError
+from pipeline.service.service import serve
 
 log = logging.getLogger("jobs.serve")
 

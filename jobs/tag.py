@@ -10,8 +10,8 @@ import sys
 import fsspec
 
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP
-from pipeline.job import TagJobConfig, run_tag_job
-from pipeline.writer import OutputError
+from pipeline.tagging.job import TagJobConfig, run_tag_job
+from pipeline.tagging.writer import OutputError
 
 log = logging.getLogger("jobs.tag")
 

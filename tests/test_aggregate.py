@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.aggregate import FILE_COLUMNS, ClipAggregator
+from pipeline.tagging.aggregate import FILE_COLUMNS, ClipAggregator
 from pipeline.arrow import fixed_list
 
 LABELS = ["a", "b", "c"]

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from pipeline.commits import read_commits, read_current
-from pipeline.job import TagJobConfig, run_tag_job
-from pipeline.writer import METADATA_KEY
+from pipeline.tagging.commits import read_commits, read_current
+from pipeline.tagging.job import TagJobConfig, run_tag_job
+from pipeline.tagging.writer import METADATA_KEY
 from tests.audio import encode, signal as make_signal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,12 +241,12 @@ def test_another_precision_reprocesses_and_is_never_mixed_in(job):
 
 def test_crashed_and_out_of_memory_decodes_are_retried_next_run(tmp_path):
     """A decoder killed by the kernel's OOM killer looks like a crash: neither is final for a file."""
-    from pipeline.aggregate import clips_table
+    from pipeline.tagging.aggregate import clips_table
     import pyarrow as pa
 
-    from pipeline.commits import done_files
-    from pipeline.delta import publish
-    from pipeline.writer import PartWriter
+    from pipeline.tagging.commits import done_files
+    from pipeline.tagging.delta import publish
+    from pipeline.tagging.writer import PartWriter
     from schemas import clips_schema, segments_schema
 
     errors = {"a": "decoder crashed (decoder process killed by SIGKILL)",
@@ -269,8 +269,8 @@ def test_skip_check_is_an_anti_join_on_the_identity():
     or a new id, is kept; the listing's order is kept."""
     import pyarrow as pa
 
-    from pipeline.job import _new_or_changed
-    from pipeline.sources import FILE_SCHEMA
+    from pipeline.tagging.job import _new_or_changed
+    from pipeline.tagging.sources import FILE_SCHEMA
 
     rows = [{"clip_id": f"c{i}", "uri": f"u{i}", "size_bytes": None if i == 3 else i, "modified": "m",
              "etag": None if i % 2 else "e"} for i in range(7)]

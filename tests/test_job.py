@@ -20,9 +20,9 @@ import pytest
 import ray
 import torch
 
-from pipeline.job import TagJobConfig, run_tag_job
-from pipeline.windows import sample_span
-from pipeline.writer import METADATA_KEY
+from pipeline.tagging.job import TagJobConfig, run_tag_job
+from pipeline.tagging.windows import sample_span
+from pipeline.tagging.writer import METADATA_KEY
 from schemas import clips_schema, segments_schema, validate_table
 from tests import reference as ref
 from tests.audio import BROKEN_REASONS, broken_files, encode, encode_m4a, signal
@@ -160,9 +160,9 @@ def test_rerun_with_other_batch_sizes_is_identical(run, corpus, checkpoints, tmp
 def test_featurize_stays_a_cpu_task_stage(checkpoints, local_ray, capsys):
     """Ray fuses a task stage into the next actor stage when their resources match; decoding inside
     the model actors would serialise it. The optimized physical plan keeps them apart."""
-    from pipeline.job import build_dataset, model_stages
-    from pipeline.resources import ResourcePlan
-    from pipeline.sources import FILE_SCHEMA
+    from pipeline.tagging.job import build_dataset, model_stages
+    from pipeline.tagging.resources import ResourcePlan
+    from pipeline.tagging.sources import FILE_SCHEMA
 
     cfg = TagJobConfig(input=".", output=".", ast_model=checkpoints["ast"], clap_model=checkpoints["clap"])
     plan = ResourcePlan(1, 1, 0.0, 1.0, 1.0)  # actors ask for 1 CPU, like the featurize tasks
@@ -176,10 +176,10 @@ def test_featurize_stays_a_cpu_task_stage(checkpoints, local_ray, capsys):
 def test_featurize_tasks_reserve_the_memory_of_their_lane(checkpoints, local_ray):
     """Short-file tasks reserve what a file of long_file_s may hold; the long-file lane reserves it for
     the longest accepted file, capped at the largest node's memory so its tasks can always be placed."""
-    from pipeline.featurize import task_memory_bytes
-    from pipeline.job import build_dataset, lanes, model_stages
-    from pipeline.resources import ResourcePlan
-    from pipeline.sources import FILE_SCHEMA
+    from pipeline.tagging.featurize import task_memory_bytes
+    from pipeline.tagging.job import build_dataset, lanes, model_stages
+    from pipeline.tagging.resources import ResourcePlan
+    from pipeline.tagging.sources import FILE_SCHEMA
 
     cfg = TagJobConfig(input=".", output=".", ast_model=checkpoints["ast"], clap_model=checkpoints["clap"],
                        long_file_s=600.0)
@@ -208,7 +208,7 @@ def test_files_longer_than_the_short_lane_run_in_the_long_lane_with_equal_result
     tables = {}
     for name, long_file_s in (("one-lane", 1200.0), ("two-lanes", 20.0)):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="pipeline.job"):
+        with caplog.at_level(logging.INFO, logger="pipeline.tagging.job"):
             summary = run_tag_job(TagJobConfig(input=str(corpus), output=str(tmp_path / name),
                                                ast_model=checkpoints["ast"], clap_model=checkpoints["clap"],
                                                long_file_s=long_file_s, run_id=name))

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.aggregate import clips_table
+from pipeline.tagging.aggregate import clips_table
 from schemas import SchemaError, clips_schema, segments_schema, validate_table
 
 SCHEMA = clips_schema(num_labels=3, ast_dim=4, clap_dim=2)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, ClapModel
 
-from pipeline.commits import read_current
-from pipeline.index import build_index
-from pipeline.job import TagJobConfig, run_tag_job
-from pipeline.search import Filters, Searcher, SearchError
+from pipeline.tagging.commits import read_current
+from pipeline.retrieval.index import build_index
+from pipeline.tagging.job import TagJobConfig, run_tag_job
+from pipeline.retrieval.search import Filters, Searcher, SearchError
 from tests.audio import encode, signal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_index_built_a_few_rows_at_a_time_holds_the_same_rows(tagged, tmp_path, 
 
     import pyarrow as pa
 
-    import pipeline.index as index
+    import pipeline.retrieval.index as index
 
     _, out = tagged
     copy = tmp_path / "out"
@@ -203,7 +203,7 @@ def test_projection_keeps_inner_products_in_its_subspace():
     """The ANN's projection is uncentred: for rows in a 49-d subspace of 512-d (48 varying directions and a
     constant offset) projected inner products equal the original ones, so the IVF-PQ ranks as exact search
     would (a centred PCA would drop the offset's direction)."""
-    from pipeline.index import projection
+    from pipeline.retrieval.index import projection
 
     rng = np.random.default_rng(0)
     basis = rng.standard_normal((49, 512)).astype(np.float32)
@@ -224,7 +224,7 @@ def test_ann_recall_filters_and_incremental_update(tmp_path):
     import faiss
 
     from benchmarks.search import synthetic
-    from pipeline.index import AnnConfig, append_synthetic_index, write_synthetic_index
+    from pipeline.retrieval.index import AnnConfig, append_synthetic_index, write_synthetic_index
 
     vectors, queries = synthetic(50_000, seed=1)
     info = write_synthetic_index(str(tmp_path), vectors)
@@ -308,7 +308,7 @@ def test_index_in_object_storage_loads_lazily(tmp_path, monkeypatch):
     import s3fs
 
     from benchmarks.search import synthetic
-    from pipeline.index import AnnConfig, write_synthetic_index
+    from pipeline.retrieval.index import AnnConfig, write_synthetic_index
     from tests.s3 import MotoS3
 
     vectors, queries = synthetic(30_000, seed=3)

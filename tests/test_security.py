@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoints import load_ast, load_clap, model_config, resolve
-from pipeline.encoders import TextEncoder
+from pipeline.retrieval.encoders import TextEncoder
 
 
 class _Trap:

@@ -22,11 +22,11 @@ import pytest
 import requests
 import uvicorn
 
-from pipeline.commits import read_current
-from pipeline.index import build_index
-from pipeline.job import TagJobConfig, run_tag_job
-from pipeline.search import Filters, Searcher
-from pipeline.service import MAX_UPLOAD_BYTES, create_app, serve
+from pipeline.tagging.commits import read_current
+from pipeline.retrieval.index import build_index
+from pipeline.tagging.job import TagJobConfig, run_tag_job
+from pipeline.retrieval.search import Filters, Searcher
+from pipeline.service.service import MAX_UPLOAD_BYTES, create_app, serve
 from tests.audio import encode, signal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_audio_source_reads_ranges_from_object_storage(monkeypatch):
     import fsspec
     import s3fs
 
-    from pipeline.media import ByteRange, SourceFile, content_type, parse_range
+    from pipeline.service.media import ByteRange, SourceFile, content_type, parse_range
     from tests.s3 import MotoS3
 
     data = encode(signal(10.0, 16_000, seed=7), 16_000, "WAV", "PCM_16")  # 320 kB: two read chunks

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.commits import IDENTITY
-from pipeline.keyset import KeySet
-from pipeline.skip import DoneSet, identity_key
-from pipeline.sources import FILE_SCHEMA
+from pipeline.tagging.commits import IDENTITY
+from pipeline.tagging.keyset import KeySet
+from pipeline.tagging.skip import DoneSet, identity_key
+from pipeline.tagging.sources import FILE_SCHEMA
 
 
 def arrow_anti_join(listed: pa.Table, done: pa.Table) -> pa.Table:

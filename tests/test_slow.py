@@ -12,8 +12,8 @@ import pytest
 import soundfile as sf
 
 from benchmarks.memory import PeakMemory
-from pipeline.commits import read_current
-from pipeline.job import TagJobConfig, run_tag_job
+from pipeline.tagging.commits import read_current
+from pipeline.tagging.job import TagJobConfig, run_tag_job
 from tests.audio import encode, signal
 
 pytestmark = pytest.mark.slow

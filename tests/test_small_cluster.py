@@ -10,10 +10,10 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.commits import read_current
-from pipeline.job import TagJobConfig, _stream, build_dataset, model_stages, run_tag_job
-from pipeline.resources import PlacementError, ResourcePlan, node_shapes
-from pipeline.sources import FILE_SCHEMA
+from pipeline.tagging.commits import read_current
+from pipeline.tagging.job import TagJobConfig, _stream, build_dataset, model_stages, run_tag_job
+from pipeline.tagging.resources import PlacementError, ResourcePlan, node_shapes
+from pipeline.tagging.sources import FILE_SCHEMA
 from tests.audio import encode, signal
 
 

@@ -10,9 +10,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sources
-from pipeline.sources import (AUDIO_EXTENSIONS, FILE_SCHEMA, ListingConfig, _extension, _row, clip_id_for, iter_inputs,
-                              list_inputs, walk_files)
+from pipeline.tagging import sources
+from pipeline.tagging.sources import (AUDIO_EXTENSIONS, FILE_SCHEMA, ListingConfig, _extension, _row, clip_id_for,
+                                      iter_inputs, list_inputs, walk_files)
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 import ray
 
 from pipeline.checkpoints import resolve
-from pipeline.commits import read_current
-from pipeline.job import TagJobConfig, run_tag_job
+from pipeline.tagging.commits import read_current
+from pipeline.tagging.job import TagJobConfig, run_tag_job
 from tests.audio import broken_files, encode, signal
 from tests.s3 import FlakyProxy, MotoS3
 

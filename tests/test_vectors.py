@@ -1,4 +1,4 @@
-"""Float16 vector shards (pipeline.vectors): FAISS reads the streamed file as its own index, gathers and
+"""Float16 vector shards (pipeline.retrieval.vectors): FAISS reads the streamed file as its own index, gathers and
 blocks return the stored rows, and exact search (FAISS fp16 scan, and BLAS for batches) equals numpy."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline.vectors import VectorStore, write_shard
+from pipeline.retrieval.vectors import VectorStore, write_shard
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,8 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from pipeline.decode import Audio, DecodeConfig, DecodeError, Decoder
-from pipeline.storage import plain_path, read_bytes
+from pipeline.tagging.decode import Audio, DecodeConfig, DecodeError, Decoder
+from pipeline.tagging.storage import plain_path, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class IsolatedDecoder:
             os.ftruncate(shared_fd, self.shared_bytes)  # tmpfs pages: memory is taken only where written
             self._shared = mmap.mmap(shared_fd, self.shared_bytes)
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.isolation", str(child_r), str(child_w), str(shared_fd),
+                [sys.executable, "-m", "pipeline.tagging.isolation", str(child_r), str(child_w), str(shared_fd),
                  str(self.shared_bytes), json.dumps(asdict(self.config))], pass_fds=(child_r, child_w, shared_fd),
                 stdin=subprocess.DEVNULL)
         finally:

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from pipeline.decode import DecodeError
+from pipeline.tagging.decode import DecodeError
 
 log = logging.getLogger(__name__)
 

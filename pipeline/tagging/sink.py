@@ -1,7 +1,7 @@
 """Stages 6-7 on the workers: window rows (after both models) -> clips and segments part files.
 
 `WriteResults` runs as a Ray Data task after the CLAP actors. It aggregates the windows of every file
-that is whole in its batch (`pipeline.aggregate.ClipAggregator`), writes their segments part, then their
+that is whole in its batch (`pipeline.tagging.aggregate.ClipAggregator`), writes their segments part, then their
 clips part (the same order as the driver's `RunWriters`: a complete clips part never names a clip whose
 windows are not in a complete segments part), and returns one small row per batch to the driver: the
 part files written, the batch's summary counts, and two rare kinds of leftovers as Arrow IPC bytes:
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.aggregate import ClipAggregator, ZeroShot, clips_table
-from pipeline.decode import LONG_FILE
-from pipeline.summary import RunSummary
-from pipeline.writer import PartWriter, RunWriters
+from pipeline.tagging.aggregate import ClipAggregator, ZeroShot, clips_table
+from pipeline.tagging.decode import LONG_FILE
+from pipeline.tagging.summary import RunSummary
+from pipeline.tagging.writer import PartWriter, RunWriters
 
 log = logging.getLogger(__name__)
 

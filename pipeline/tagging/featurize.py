@@ -1,6 +1,6 @@
 """Stages 2-4 as one Ray Data CPU stage: file rows -> window rows with AST and CLAP features.
 
-Each file is read once and decoded once, in a child process (pipeline/isolation.py) so that a decoder
+Each file is read once and decoded once, in a child process (pipeline/tagging/isolation.py) so that a decoder
 that hangs or crashes on one hostile file cannot take the worker down; its windows are planned, and
 features are computed window by window and emitted in blocks of at most `windows_per_block` rows, so
 an hour-long file never puts its whole feature matrix in one batch. A file that is not usable audio
@@ -17,11 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.arrow import blobs_from_rows
-from pipeline.decode import Audio, DecodeConfig, DecodeError
-from pipeline.features_ast import AstFbank, AstFbankConfig
-from pipeline.features_clap import ClapMel, ClapMelConfig
-from pipeline.isolation import shared_decoder
-from pipeline.windows import Window, WindowConfig, plan_windows, sample_span
+from pipeline.tagging.decode import Audio, DecodeConfig, DecodeError
+from pipeline.tagging.features_ast import AstFbank, AstFbankConfig
+from pipeline.tagging.features_clap import ClapMel, ClapMelConfig
+from pipeline.tagging.isolation import shared_decoder
+from pipeline.tagging.windows import Window, WindowConfig, plan_windows, sample_span
 
 log = logging.getLogger(__name__)
 

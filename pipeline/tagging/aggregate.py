@@ -1,6 +1,6 @@
 """Stage 6, aggregation: window rows (after both models) -> segments and clips rows.
 
-Runs on the workers, over each batch leaving the models (pipeline/sink.py), and on the driver for the
+Runs on the workers, over each batch leaving the models (pipeline/tagging/sink.py), and on the driver for the
 windows of files that were split across batches. Streaming: a file's state lives only until all its windows have arrived, so memory is bounded by
 the files in flight, not the corpus. A file is complete when it has a window for every
 segment_index in 0..num_segments-1; a window that arrives twice (a retried task) is dropped, never

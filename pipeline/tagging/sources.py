@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.keyset import KeySet
+from pipeline.tagging.keyset import KeySet
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 # Not an error of the file: the reason a short-file featurize task gives back a file that is longer than
-# its memory reservation allows (pipeline/featurize.py); the job then runs that file in the long-file lane.
+# its memory reservation allows (pipeline/tagging/featurize.py); the job then runs that file in the long-file lane.
 LONG_FILE = "longer than this lane takes"
 
 
@@ -83,10 +83,10 @@ class Decoder:
         return Audio(waves, duration_s, rate, channels, decoder, _shortfall(len(mono), declared, rate))
 
     def decode_file(self, uri: str, lend: bool = False) -> Audio:
-        """Read `uri` (pipeline/storage.py: storage errors are DecodeErrors) and decode it. `lend` is
+        """Read `uri` (pipeline/tagging/storage.py: storage errors are DecodeErrors) and decode it. `lend` is
         IsolatedDecoder's (waveforms that may be views of a reused buffer); here they are always the
         caller's own."""
-        from pipeline.storage import read_bytes  # storage imports this module
+        from pipeline.tagging.storage import read_bytes  # storage imports this module
 
         return self(read_bytes(uri))
 

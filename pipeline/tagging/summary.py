@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from pipeline.commits import is_transient
-from pipeline.writer import remove_quietly
+from pipeline.tagging.commits import is_transient
+from pipeline.tagging.writer import remove_quietly
 
 log = logging.getLogger(__name__)
 

@@ -23,25 +23,25 @@ from ray.data.exceptions import ExecutionTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import pipeline
-from pipeline.aggregate import ZeroShot
-from pipeline.commits import (adoptable_parts, commit, committed_identity, not_transient, orphan_parts,
-                              parts_identity)
-from pipeline.delta import publish
+from pipeline.tagging.aggregate import ZeroShot
+from pipeline.tagging.commits import (adoptable_parts, commit, committed_identity, not_transient, orphan_parts,
+                                      parts_identity)
+from pipeline.tagging.delta import publish
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
-from pipeline.device import resolve_precision
-from pipeline.embedder import ClapEmbedder, EmbedderConfig
-from pipeline.features_ast import AstFbankConfig
-from pipeline.features_clap import ClapMelConfig
-from pipeline.featurize import Featurize, FeaturizeConfig, task_memory_bytes
-from pipeline.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
-from pipeline.keyset import KeySet, split_digests
-from pipeline.skip import DoneSet
-from pipeline.sources import FILE_SCHEMA, ListingConfig, iter_inputs
-from pipeline.summary import RunSummary
-from pipeline.tagger import AstTagger, TaggerConfig
-from pipeline.windows import WindowConfig
-from pipeline.sink import Collector, SinkConfig, WriteResults
-from pipeline.writer import OutputError, check_writable
+from pipeline.tagging.device import resolve_precision
+from pipeline.tagging.embedder import ClapEmbedder, EmbedderConfig
+from pipeline.tagging.features_ast import AstFbankConfig
+from pipeline.tagging.features_clap import ClapMelConfig
+from pipeline.tagging.featurize import Featurize, FeaturizeConfig, task_memory_bytes
+from pipeline.tagging.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
+from pipeline.tagging.keyset import KeySet, split_digests
+from pipeline.tagging.skip import DoneSet
+from pipeline.tagging.sources import FILE_SCHEMA, ListingConfig, iter_inputs
+from pipeline.tagging.summary import RunSummary
+from pipeline.tagging.tagger import AstTagger, TaggerConfig
+from pipeline.tagging.windows import WindowConfig
+from pipeline.tagging.sink import Collector, SinkConfig, WriteResults
+from pipeline.tagging.writer import OutputError, check_writable
 from schemas import SCHEMA_VERSION, clips_schema, segments_schema
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: Resource
          summary: RunSummary) -> dict[str, list[str]]:
     """Run the dataset over `files`; returns the part files written, by table.
 
-    The workers aggregate and write the windows of every file that is whole in a batch (pipeline/sink.py);
+    The workers aggregate and write the windows of every file that is whole in a batch (pipeline/tagging/sink.py);
     the driver only collects their part lists and summary counts, and aggregates the rare files whose
     windows were split across batches, writing those itself."""
     schemas = table_schemas(cfg)
@@ -332,7 +332,7 @@ def _files(handed_back: pa.Table) -> pa.Table:
 def _zero_shot(cfg: TagJobConfig) -> ZeroShot | None:
     if not cfg.zero_shot_labels:
         return None
-    from pipeline.encoders import TextEncoder
+    from pipeline.retrieval.encoders import TextEncoder
 
     encoder = TextEncoder(cfg.clap_model)
     texts = [cfg.zero_shot_prompt.format(label=label) for label in cfg.zero_shot_labels]

@@ -1,6 +1,6 @@
 """The current table in an open format: OUTPUT/clips and OUTPUT/segments are Delta Lake tables.
 
-The part files the workers write (pipeline/sink.py) are the tables' data files, unchanged: the driver
+The part files the workers write (pipeline/tagging/sink.py) are the tables' data files, unchanged: the driver
 only commits their paths to each table's transaction log (`_delta_log/`), so Spark, DuckDB, Polars,
 pandas (through `deltalake`) and Trino read the current table without our code: one row per clip (per
 window in segments), all with the settings of the newest run. A run commits, in one transaction per

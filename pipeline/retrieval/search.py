@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.arrow import list_element
-from pipeline.commits import read_commits
-from pipeline.index import AnnConfig, fetch_index, project, store_of
+from pipeline.tagging.commits import read_commits
+from pipeline.retrieval.index import AnnConfig, fetch_index, project, store_of
 
 log = logging.getLogger(__name__)
 
@@ -241,14 +241,14 @@ class Searcher:
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
         if self._text is None:
-            from pipeline.encoders import TextEncoder
+            from pipeline.retrieval.encoders import TextEncoder
 
             self._text = TextEncoder(self.model["source"])
         return self._text(texts)
 
     def embed_audio(self, data: bytes) -> np.ndarray:
         if self._audio is None:
-            from pipeline.encoders import AudioEncoder
+            from pipeline.retrieval.encoders import AudioEncoder
 
             self._audio = AudioEncoder(self.model["source"])
         return self._audio(data)

@@ -8,7 +8,7 @@
                                   for small tables
     {table}-{gen}.pq              the same rows' PQ codes in row order (FAISS IndexPQ): filtered queries scan
                                   the codes of the filter's rows
-    {table}-{gen}-v{i}.faiss      the rows' CLAP embeddings as float16 shards (pipeline.vectors): exact search
+    {table}-{gen}-v{i}.faiss      the rows' CLAP embeddings as float16 shards (pipeline.retrieval.vectors): exact search
                                   and re-ranking of ANN candidates
 
 Every file is written once under a new generation name and never changed, so a cached copy of a name
@@ -38,11 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import delta
+from pipeline.tagging import delta
 from pipeline.arrow import to_matrix
-from pipeline.commits import read_commits, read_current
-from pipeline.vectors import VectorStore, write_shard
-from pipeline.writer import METADATA_KEY
+from pipeline.tagging.commits import read_commits, read_current
+from pipeline.retrieval.vectors import VectorStore, write_shard
+from pipeline.tagging.writer import METADATA_KEY
 
 log = logging.getLogger(__name__)
 

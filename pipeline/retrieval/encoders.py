@@ -7,10 +7,10 @@ import numpy as np
 import torch
 
 from pipeline.checkpoints import SAFE_LOAD, resolve
-from pipeline.decode import DecodeConfig, Decoder
-from pipeline.embedder import ClapEmbedder, EmbedderConfig
-from pipeline.features_clap import ClapMel, ClapMelConfig
-from pipeline.windows import WindowConfig, plan_windows, sample_span
+from pipeline.tagging.decode import DecodeConfig, Decoder
+from pipeline.tagging.embedder import ClapEmbedder, EmbedderConfig
+from pipeline.tagging.features_clap import ClapMel, ClapMelConfig
+from pipeline.tagging.windows import WindowConfig, plan_windows, sample_span
 
 DEFAULT_PROMPT = "This is a sound of {label}."
 

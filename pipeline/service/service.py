@@ -24,12 +24,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import __version__
-from pipeline.catalog import Catalog
-from pipeline.decode import DecodeError
-from pipeline.media import AUDIO_TYPES, RangeNotSatisfiable, SourceFile, content_type, parse_range
-from pipeline.metrics import Metrics, MetricsMiddleware
-from pipeline.search import Filters, Searcher, SearchError
-from pipeline.service_models import ClipOut, ErrorOut, InfoOut, SearchOut
+from pipeline.service.catalog import Catalog
+from pipeline.tagging.decode import DecodeError
+from pipeline.service.media import AUDIO_TYPES, RangeNotSatisfiable, SourceFile, content_type, parse_range
+from pipeline.service.metrics import Metrics, MetricsMiddleware
+from pipeline.retrieval.search import Filters, Searcher, SearchError
+from pipeline.service.service_models import ClipOut, ErrorOut, InfoOut, SearchOut
 
 log = logging.getLogger(__name__)
 

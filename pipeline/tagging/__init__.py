@@ -1,0 +1,1 @@
+"""Tagging: the batch job that decodes, featurizes, tags and embeds audio files and commits its tables."""
