@@ -1,7 +1,9 @@
 """CPU cost per clip of the real job against the one-thread floor, measured in the same run.
 
 The job (`run_tag_job`, tiny random-weight models, real local Ray, 10 s 44.1 kHz stereo FLAC) runs over
-two corpus sizes, back to back, on one Ray instance already started (and warmed by a first small run).
+two corpus sizes, back to back, on one Ray instance already started and warmed by `--warm` runs of the
+small corpus (task workers that import torch and the pipeline during a measured run add ~2.6 s of CPU to
+that run: up to ~10 ms per clip of noise in the featurize workers' share).
 Around each run:
 - whole-machine busy core-seconds from /proc/stat (all CPUs, total minus idle and iowait): what the
   issue asks for; it also counts any other work on the machine, so it needs a quiet machine;
@@ -17,7 +19,7 @@ FFTs both spectrograms need (998 x 512 for AST, 1000 x 1024 for CLAP). `floor_on
 benchmarks/features.py's floor (48 kHz only). Alongside: our Featurize work in-process on one thread
 (decode + features, no Ray, no child process) and the tiny models' forward pass per window.
 
-Usage: python -m benchmarks.cpu_cost [--sizes 64 320] [--repeats 1] [--floor-clips 16]
+Usage: python -m benchmarks.cpu_cost [--sizes 64 320] [--repeats 1] [--floor-clips 16] [--warm 2]
        [--out benchmarks/results/cpu_cost.json]
 """
 
@@ -186,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs=2, default=[64, 320])
     p.add_argument("--repeats", type=int, default=1, help="runs per size (interleaved small, large); medians")
     p.add_argument("--floor-clips", type=int, default=16)
+    p.add_argument("--warm", type=int, default=2, help="unmeasured runs of the small corpus first")
     p.add_argument("--out", default="benchmarks/results/cpu_cost.json")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(message)s")
@@ -202,13 +205,13 @@ def main(argv=None) -> int:
         (root / "small").mkdir()
         for f in sorted((root / "large").iterdir())[:small]:
             (root / "small" / f.name).symlink_to(f)
-        make_corpus(root / "warm", 4)
         models = {"ast": str(build_tiny_ast(root / "models" / "ast")),
                   "clap": str(build_tiny_clap(root / "models" / "clap"))}
         parts = floor_and_parts(sorted((root / "large").iterdir())[:args.floor_clips], models)
         log.info("one thread, ms per clip: %s", {k: round(v, 2) for k, v in parts.items()})
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        run_job(root, models, root / "warm", "warm")  # worker imports, page cache
+        for w in range(args.warm):  # worker imports, page cache
+            run_job(root, models, root / "small", f"warm-{w}")
         runs = {small: [], large: []}
         for r in range(args.repeats):
             for n in (small, large):
@@ -220,12 +223,17 @@ def main(argv=None) -> int:
     result.update({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}".strip(", "),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "load_avg_1min_at_end": os.getloadavg()[0], "clip": "10 s, 44.1 kHz stereo FLAC",
-                   "models": "tiny random-weight AST + CLAP", "sizes": [small, large], "repeats": args.repeats})
+                   "models": "tiny random-weight AST + CLAP", "sizes": [small, large], "repeats": args.repeats,
+                   "warm_runs": args.warm})
     report(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return 0
+
+
+FEATURIZE_ROLES = ("featurize_worker", "sink_task", "decoder_child")
+MODEL_ROLES = ("ast_actor", "clap_actor")
 
 
 def summarise(runs: dict, small: int, large: int, parts: dict) -> dict:
@@ -242,6 +250,8 @@ def summarise(runs: dict, small: int, large: int, parts: dict) -> dict:
     machine_ms, tree_ms = marginal("machine_busy_s"), marginal("tree_cpu_s")
     models_ms = parts["tiny_ast_per_window"] + parts["tiny_clap_per_window"]
     steady = (large - small) / (med(large, "wall_s") - med(small, "wall_s"))
+    featurize_ms = sum(v for k, v in split.items() if k in FEATURIZE_ROLES)
+    ray_ms = sum(v for k, v in split.items() if k not in FEATURIZE_ROLES + MODEL_ROLES)
     return {
         "marginal_core_ms_per_clip_machine": round(machine_ms, 2),
         "marginal_core_ms_per_clip_process_tree": round(tree_ms, 2),
@@ -254,6 +264,13 @@ def summarise(runs: dict, small: int, large: int, parts: dict) -> dict:
         # runs); pipeline/tagging/resources.py's FEATURE_WINDOWS_PER_CORE is 1000 / this
         "cpu_side_ms_per_clip": round(min(machine_ms, tree_ms) - models_ms, 2),
         "ratio_cpu_side_over_floor": round((min(machine_ms, tree_ms) - models_ms) / parts["floor"], 2),
+        # the feature stage as the job runs it (task workers, sink tasks included, and decoder children),
+        # and what Ray and the driver cost: mostly per unit of time (polling, heartbeats, metrics), so per
+        # clip it shrinks as clips/s grows
+        "featurize_ms_per_clip": round(featurize_ms, 2),
+        "ratio_featurize_over_floor": round(featurize_ms / parts["floor"], 2),
+        "ray_and_driver_ms_per_clip": round(ray_ms, 2),
+        "ray_and_driver_cores": round(ray_ms * steady / 1000, 3),
         "steady_clips_per_s": round(steady, 2),
         "runs": {str(n): [{k: (round(v, 3) if isinstance(v, float) else
                                {a: round(b, 3) for a, b in v.items()} if isinstance(v, dict) else v)
@@ -272,6 +289,10 @@ def report(result: dict) -> None:
     print(f"{'floor (decode + 2 resamples + bare FFTs)':<44}{result['floor_ms_per_clip']:>10}{1.0:>9}")
     print(f"{'  less the tiny models (one thread)':<44}{result['cpu_side_ms_per_clip']:>10}"
           f"{result['ratio_cpu_side_over_floor']:>9}")
+    print(f"{'  featurize: task workers + decoder children':<44}{result['featurize_ms_per_clip']:>10}"
+          f"{result['ratio_featurize_over_floor']:>9}")
+    print(f"{'  Ray processes and the driver':<44}{result['ray_and_driver_ms_per_clip']:>10}"
+          f"   ({result['ray_and_driver_cores']} cores)")
     print(f"steady state: {result['steady_clips_per_s']} clips/s")
     print("\nmarginal ms per clip by process role:")
     for k, v in sorted(result["marginal_split_ms_per_clip"].items(), key=lambda kv: -kv[1]):

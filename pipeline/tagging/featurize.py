@@ -46,9 +46,10 @@ class FeaturizeConfig:
 
 
 # Memory a featurize task holds, per second of audio in its file: the waveforms at the model rates in the
-# worker and, while they are sent, in the decoder child (2 x 4 B per sample); the child's mono source
-# (4 B at up to 48 kHz); the file's bytes in the worker and the child (16-bit stereo 48 kHz PCM). Plus a
-# block of features in numpy, Arrow and the object store, and the worker process itself (torch imported).
+# decoder child and, in the worker, in the shared buffer or (files too long for it) received over the pipe
+# (2 x 4 B per sample); the child's mono source (4 B at up to 48 kHz); the file's bytes in the worker and
+# the child (16-bit stereo 48 kHz PCM). Plus a block of features in numpy, Arrow and the object store,
+# and the worker process itself (torch imported; its 32 MiB shared buffer, isolation.SHARED_BYTES).
 BYTES_PER_AUDIO_S = 2 * 4 * (16_000 + 48_000) + 4 * 48_000 + 2 * 192_000
 TASK_BASE_BYTES = 400 << 20
 
