@@ -117,8 +117,12 @@ def run_job(root: Path, models: dict, audio: Path, name: str) -> dict:
     if summary["ok"] != summary["files_seen"]:
         raise RuntimeError(f"benchmark job left {summary['error']} error rows: {summary}")
     split = tree_delta(tree0, tree1)
+    started: dict[str, int] = {}  # processes that started during the run, by role (start-up CPU included)
+    for pid, (name, _) in tree1.items():
+        if pid not in tree0:
+            started[name] = started.get(name, 0) + 1
     return {"files": summary["files_seen"], "wall_s": wall, "machine_busy_s": busy,
-            "tree_cpu_s": sum(split.values()), "tree_split_s": split}
+            "tree_cpu_s": sum(split.values()), "tree_split_s": split, "processes_started": started}
 
 
 def floor_and_parts(files: list[Path], models: dict, repeats: int = 3) -> dict:
@@ -236,7 +240,25 @@ FEATURIZE_ROLES = ("featurize_worker", "sink_task", "decoder_child")
 MODEL_ROLES = ("ast_actor", "clap_actor")
 
 
+def matched(runs: dict, small: int, large: int) -> tuple[dict, bool]:
+    """The runs of each size that started the same processes (by role): a process started during a run
+    adds its start-up (a task worker importing torch and the pipeline: ~2.6 s of CPU) to that run, and
+    Ray starts task workers at random, so only runs with equal starts cancel it. The pattern most runs
+    share; (all runs, False) if no pattern occurs at both sizes."""
+    def key(r):
+        return tuple(sorted(r.get("processes_started", {}).items()))
+
+    common = {key(r) for r in runs[small]} & {key(r) for r in runs[large]}
+    if not common:
+        return runs, False
+    best = max(common, key=lambda k: sum(key(r) == k for n in (small, large) for r in runs[n]))
+    return {n: [r for r in runs[n] if key(r) == best] for n in (small, large)}, True
+
+
 def summarise(runs: dict, small: int, large: int, parts: dict) -> dict:
+    all_runs = runs
+    runs, starts_match = matched(runs, small, large)
+
     def med(n, key):
         return float(np.median([r[key] for r in runs[n]]))
 
@@ -272,9 +294,11 @@ def summarise(runs: dict, small: int, large: int, parts: dict) -> dict:
         "ray_and_driver_ms_per_clip": round(ray_ms, 2),
         "ray_and_driver_cores": round(ray_ms * steady / 1000, 3),
         "steady_clips_per_s": round(steady, 2),
+        "runs_used": {str(n): len(rs) for n, rs in runs.items()},
+        "process_starts_matched": starts_match,
         "runs": {str(n): [{k: (round(v, 3) if isinstance(v, float) else
                                {a: round(b, 3) for a, b in v.items()} if isinstance(v, dict) else v)
-                           for k, v in r.items()} for r in rs] for n, rs in runs.items()},
+                           for k, v in r.items()} for r in rs] for n, rs in all_runs.items()},
     }
 
 
@@ -293,7 +317,9 @@ def report(result: dict) -> None:
           f"{result['ratio_featurize_over_floor']:>9}")
     print(f"{'  Ray processes and the driver':<44}{result['ray_and_driver_ms_per_clip']:>10}"
           f"   ({result['ray_and_driver_cores']} cores)")
-    print(f"steady state: {result['steady_clips_per_s']} clips/s")
+    print(f"steady state: {result['steady_clips_per_s']} clips/s; runs used per size {result['runs_used']}"
+          + ("" if result["process_starts_matched"] else " (WARNING: no small and large run started the same "
+                                                         "processes: start-up does not cancel)"))
     print("\nmarginal ms per clip by process role:")
     for k, v in sorted(result["marginal_split_ms_per_clip"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:<24}{v:>8}")

@@ -9,10 +9,11 @@ import pyarrow as pa
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray._private.state import actors as actor_table  # GCS table: the state API needs a dashboard
 
 from pipeline.tagging.commits import read_current
 from pipeline.tagging.job import TagJobConfig, _stream, build_dataset, model_stages, run_tag_job
-from pipeline.tagging.resources import PlacementError, ResourcePlan, node_shapes
+from pipeline.tagging.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
 from pipeline.tagging.sources import FILE_SCHEMA
 from tests.audio import encode, signal
 
@@ -41,6 +42,11 @@ def test_job_completes_on_two_one_cpu_nodes(two_one_cpu_nodes, checkpoints, tmp_
     summary = run_tag_job(cfg)
     assert (summary["processed"], summary["ok"]) == (3, 3)
     assert len(read_current(str(tmp_path / "out"))) == 3
+    # the plan keeps both model actors on one node (their fractional shares fit only together there)
+    planned = plan_resources(node_shapes()).node
+    models = [a for a in actor_table().values()
+              if "AstTagger" in a["ActorClassName"] or "ClapEmbedder" in a["ActorClassName"]]
+    assert planned and len(models) >= 2 and {a["Address"]["NodeID"] for a in models} == {planned}
 
 
 def test_a_stage_no_node_can_hold_fails_with_the_reason(two_one_cpu_nodes, checkpoints):

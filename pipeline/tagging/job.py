@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data.exceptions import ExecutionTimeoutError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import pipeline
 from pipeline.tagging.aggregate import ZeroShot
@@ -140,8 +139,11 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
     per_block = max(1, min(16, math.ceil(len(files) / (8 * cpus))))
     blocks = [files.slice(i, per_block) for i in range(0, len(files), per_block)]
     memory = {"memory": lane.memory} if lane else {}
-    # model actors stay on this node while it lives (a plan whose fractional shares fit only together)
-    pinned = {"scheduling_strategy": NodeAffinitySchedulingStrategy(plan.node, soft=True)} if plan.node else {}
+    # model actors stay on this node while it lives (a plan whose fractional shares fit only together), else
+    # go anywhere: a node-id label selector with a fallback (what NodeAffinitySchedulingStrategy(soft=True)
+    # did; remote args passed as **kwargs are removed in Ray 2.64)
+    pinned = {"label_selector": {NODE_ID_LABEL: plan.node},
+              "fallback_strategy": [{"label_selector": {NODE_ID_LABEL: f"!{plan.node}"}}]} if plan.node else {}
     dataset = (
         ray.data.from_arrow(blocks)
         # tasks, spread over the nodes (Ray Data's default scheduling strategy)
@@ -162,6 +164,8 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
     # them out of the CLAP actors, whose next batch they would otherwise delay
     return dataset.map_batches(WriteResults(sink), batch_format="pyarrow", batch_size=sink_batch, num_cpus=0.25)
 
+
+NODE_ID_LABEL = "ray.io/node-id"  # Ray's default label on every node
 
 # OpenMP threads of idle model actors sleep instead of spinning: with spinning, a tiny model at 2 threads
 # on a busy 2-core machine burnt 235 ms of CPU per window instead of 11 (BENCHMARKS.md, CPU cost).
