@@ -28,8 +28,10 @@ GPU_MFU = 0.24
 FLOPS_PER_WINDOW = 218.5e9         # AST base 206.7 G + CLAP HTSAT-tiny audio 11.8 G (flop_counter)
 # 10 s FLAC clips the job's CPU side (everything but the models' forward passes) handles per busy
 # core-second. Issue 13 measured 62.6 busy core-ms per clip for the job on its H100 node before the
-# changes; python -m benchmarks.cpu_cost measured the CPU-side roles (featurize, decoder children, driver,
-# Ray) at 67.7 -> 48.6 ms per clip on 2 cores (-28%), so ~45 ms there: 22 per core-second, rounded down.
+# changes, against a one-thread floor of 25.6 ms there. python -m benchmarks.cpu_cost now measures the
+# CPU side at 1.68x the floor on 2 cores (cpu_cost_shm_run1.json; the feature stage alone 1.48x, and
+# Ray's ~0.14 of a core that a busier node spreads thinner): ~43 ms per clip at that node's floor, 23 per
+# core-second; 20 leaves room for the model actors' host work (staging copies), not measured on a GPU.
 # Not the one-thread feature rate: Ray, the decoder child, copies and the driver cost CPU too.
 FEATURE_WINDOWS_PER_CORE = 20.0
 CPU_BATCH, GPU_BATCH = 32, 256     # windows per model actor call
