@@ -79,13 +79,15 @@ def _forget_s3_filesystems() -> None:
 
 class FlakyProxy:
     """Forwards HTTP to `upstream`; GETs whose path contains a `fail_always` marker always get 503, and
-    the first `fail_first` GETs of each other object under `prefix` get 503 before succeeding. Runs in
-    its own process (see MotoS3); `failed` and `gets` count requests by path."""
+    the first `fail_first` GETs of each other object under `prefix` get 503 before succeeding; GETs of
+    objects under `prefix` wait `delay_s` first (an object store's first-byte latency). Runs in its own
+    process (see MotoS3); `failed` and `gets` count requests by path."""
 
-    def __init__(self, upstream_port: int, prefix: str, fail_first: int = 1, fail_always: str = "cursed"):
+    def __init__(self, upstream_port: int, prefix: str, fail_first: int = 1, fail_always: str = "cursed",
+                 delay_s: float = 0.0):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._args = [str(self.port), str(upstream_port), prefix, str(fail_first), fail_always]
+        self._args = [str(self.port), str(upstream_port), prefix, str(fail_first), fail_always, str(delay_s)]
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -117,9 +119,11 @@ STATS_PATH = "/__proxy_stats"
 
 
 class _ProxyServer:
-    """FlakyProxy's server, in the process `python -m tests.s3 PORT UPSTREAM PREFIX FAIL_FIRST FAIL_ALWAYS`."""
+    """FlakyProxy's server, in the process `python -m tests.s3 PORT UPSTREAM PREFIX FAIL_FIRST FAIL_ALWAYS
+    DELAY_S`."""
 
-    def __init__(self, port: int, upstream_port: int, prefix: str, fail_first: int, fail_always: str):
+    def __init__(self, port: int, upstream_port: int, prefix: str, fail_first: int, fail_always: str,
+                 delay_s: float = 0.0):
         self.port = port
         self.failed: dict[str, int] = {}
         self.gets: dict[str, int] = {}
@@ -160,6 +164,7 @@ class _ProxyServer:
                     with lock:
                         proxy.gets[target] = proxy.gets.get(target, 0) + 1
                 if self.command == "GET" and prefix in target and "list-type" not in self.path:
+                    time.sleep(delay_s)
                     with lock:
                         n = proxy.failed.get(target, 0)
                         fail = fail_always in target or n < fail_first
@@ -197,5 +202,6 @@ class _ProxyServer:
 
 
 if __name__ == "__main__":
-    port, upstream, prefix, fail_first, fail_always = sys.argv[1:6]
-    _ProxyServer(int(port), int(upstream), prefix, int(fail_first), fail_always).server.serve_forever()
+    port, upstream, prefix, fail_first, fail_always, delay_s = sys.argv[1:7]
+    _ProxyServer(int(port), int(upstream), prefix, int(fail_first), fail_always,
+                 float(delay_s)).server.serve_forever()

@@ -166,3 +166,45 @@ def test_no_credentials_in_logs_summaries_or_metadata(s3, caplog):
         if log_file.is_file():
             text = log_file.read_bytes()
             assert ACCESS_KEY.encode() not in text and SECRET_KEY.encode() not in text, log_file
+
+
+def test_featurize_reads_object_storage_ahead_with_the_rows_of_reading_in_turn(s3, monkeypatch):
+    """Files on S3 are read ahead in threads while earlier ones are featurized: the rows (features
+    included, and the error row of a file deleted after listing, in its place) are those of reading each
+    file in its turn, and reads of later files stay within the byte budget."""
+    import pyarrow as pa
+
+    from pipeline.tagging import storage
+    from pipeline.tagging.featurize import Featurize, FeaturizeConfig
+    from pipeline.tagging.sources import ListingConfig, list_inputs
+
+    fs, _ = s3
+    clips = {f"c{i}.flac": encode(signal(1.0 + 0.25 * i, 22_050, 2, seed=i), 22_050, "FLAC") for i in range(6)}
+    _upload(fs, {**clips, "gone.wav": encode(signal(1.0, 16_000), 16_000, "WAV")}, "ahead")
+    listed = list_inputs(ListingConfig(f"s3://{BUCKET}/ahead/"))
+    fs.rm(f"{BUCKET}/ahead/gone.wav")  # listed, then deleted: its read fails with "file not found"
+
+    in_turn = pa.concat_tables(Featurize(FeaturizeConfig(), read_ahead_bytes=0)(listed))
+    ahead = pa.concat_tables(Featurize(FeaturizeConfig())(listed))
+    assert ahead.equals(in_turn)
+    gone = ahead.filter(pa.compute.equal(ahead["uri"], f"s3://{BUCKET}/ahead/gone.wav")).to_pylist()
+    assert [(r["status"], r["error"]) for r in gone] == [("error", "file not found")]
+    assert (ahead["status"].to_pylist().count("ok"), ahead.num_rows) == (6, 7)
+
+    # at each file handed out, the reads started for later files hold at most the budget (by listed size)
+    files = listed.to_pylist()
+    order = {f["uri"]: i for i, f in enumerate(files)}
+    started: list[int] = []
+    real_read = storage.read_bytes
+
+    def recorded(uri, *args, **kwargs):
+        started.append(order[uri])
+        return real_read(uri, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "read_bytes", recorded)
+    budget = 2 * max(f["size_bytes"] for f in files)
+    later_bytes = []
+    for i, (file, data) in enumerate(storage.ReadAhead(files, max_bytes=budget, threads=4)):
+        assert file["uri"] == files[i]["uri"] and (isinstance(data, bytes) or data.reason == "file not found")
+        later_bytes.append(sum(files[j]["size_bytes"] for j in set(started) if j > i))
+    assert max(later_bytes) <= budget and max(later_bytes) > 0  # read ahead, within the budget

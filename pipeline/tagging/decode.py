@@ -66,7 +66,8 @@ class Decoder:
     def __init__(self, config: DecodeConfig = DecodeConfig()):
         self.config = config
 
-    def __call__(self, data: bytes) -> Audio:
+    def __call__(self, data: bytes, lend: bool = False) -> Audio:
+        """Decode `data`; `lend` as in decode_file."""
         if not data:
             raise DecodeError("empty file", "0 bytes")
         with _deadline(self.config.timeout_s):

@@ -1,7 +1,8 @@
 """Stages 2-4 as one Ray Data CPU stage: file rows -> window rows with AST and CLAP features.
 
-Each file is read once and decoded once, in a child process (pipeline/tagging/isolation.py) so that a decoder
-that hangs or crashes on one hostile file cannot take the worker down; its windows are planned, and
+Each file is read once and decoded once, in a child process (pipeline/tagging/isolation.py) so that a
+decoder that hangs or crashes on one hostile file cannot take the worker down (files on object storage
+or HTTP are read by the worker, ahead of their turn: storage.ReadAhead); its windows are planned, and
 features are computed window by window and emitted in blocks of at most `windows_per_block` rows, so
 an hour-long file never puts its whole feature matrix in one batch. A file that is not usable audio
 becomes one row with status "error" and zero windows. Features travel as float32 byte buffers (binary columns).
@@ -21,6 +22,7 @@ from pipeline.tagging.decode import Audio, DecodeConfig, DecodeError
 from pipeline.tagging.features_ast import AstFbank, AstFbankConfig
 from pipeline.tagging.features_clap import ClapMel, ClapMelConfig
 from pipeline.tagging.isolation import shared_decoder
+from pipeline.tagging.storage import READ_AHEAD_BYTES, ReadAhead
 from pipeline.tagging.windows import Window, WindowConfig, plan_windows, sample_span
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,8 @@ def task_memory_bytes(config: FeaturizeConfig, seconds: float) -> int:
     """Ray `memory` to reserve for a featurize task whose files are at most `seconds` long."""
     window_bytes = 4 * (config.ast.max_length * config.ast.num_mel_bins
                         + config.clap.channels * config.clap.num_frames * config.clap.num_mel_bins)
-    return int(seconds * BYTES_PER_AUDIO_S + 3 * config.windows_per_block * window_bytes + TASK_BASE_BYTES)
+    return int(seconds * BYTES_PER_AUDIO_S + 3 * config.windows_per_block * window_bytes + TASK_BASE_BYTES
+               + READ_AHEAD_BYTES)
 
 
 class Featurize:
@@ -91,10 +94,15 @@ class Featurize:
 
     `lane_s`: files longer than this become rows with error LONG_FILE instead of being featurized, so a
     task never holds more than task_memory_bytes(config, lane_s); the job runs those in a second lane.
+    `read_ahead_bytes`: files on object storage or HTTP are read ahead of the one being featurized, up to
+    this many bytes (storage.ReadAhead; 0: each is read when its turn comes). Not a setting of the
+    results, so not in FeaturizeConfig (whose fields are part of the run's settings hash).
     """
 
-    def __init__(self, config: FeaturizeConfig, lane_s: float | None = None):
+    def __init__(self, config: FeaturizeConfig, lane_s: float | None = None,
+                 read_ahead_bytes: int = READ_AHEAD_BYTES):
         self.config = config
+        self.read_ahead_bytes = read_ahead_bytes
         rates = (config.ast.sample_rate, config.clap.sample_rate)
         self._decode_config = DecodeConfig(**{**config.decode.__dict__, "rates": rates, "lane_s": lane_s})
         self._ast = None
@@ -104,8 +112,8 @@ class Featurize:
         if self._ast is None:  # built in the worker, not pickled with the stage
             self._ast, self._clap = _extractors(self.config.ast, self.config.clap)
         block = self._new_block()
-        for file in files.to_pylist():
-            for row, audio, window in self._rows(file):
+        for file, data in ReadAhead(files.to_pylist(), self.read_ahead_bytes):
+            for row, audio, window in self._rows(file, data):
                 if window is not None:
                     self._features_into(block, audio, window)
                 block.meta.append(row)
@@ -121,13 +129,18 @@ class Featurize:
         return _Block(self.config.windows_per_block, (ast.max_length, ast.num_mel_bins),
                       (clap.channels, clap.num_frames, clap.num_mel_bins))
 
-    def _rows(self, file: dict) -> Iterator[tuple[dict, Audio | None, Window | None]]:
+    def _rows(self, file: dict, data: bytes | DecodeError | None = None,
+              ) -> Iterator[tuple[dict, Audio | None, Window | None]]:
         """(metadata row, decoded audio, window) per window of the file; one error row (no audio, no
-        window) if it is not usable audio."""
+        window) if it is not usable audio. `data`: the file's bytes or its read's error, from ReadAhead;
+        None: the decoder reads the file."""
         try:
             if file.get("listing_error"):
                 raise DecodeError(file["listing_error"])
-            audio = shared_decoder(self._decode_config).decode_file(file["uri"], lend=True)
+            if isinstance(data, DecodeError):
+                raise data
+            decoder = shared_decoder(self._decode_config)
+            audio = decoder.decode_file(file["uri"], lend=True) if data is None else decoder(data, lend=True)
         except DecodeError as e:
             log.info("%s: %s", file["uri"], e)
             yield ({**file, "status": "error", "error": e.reason, "error_detail": e.detail or None,
