@@ -70,7 +70,7 @@ def plain_path(uri: str) -> bool:
 # Bytes of listed files read ahead of the one being featurized, at most (by listed size); a file that
 # does not fit is read when its turn comes. featurize.task_memory_bytes counts this once per task.
 READ_AHEAD_BYTES = 64 << 20
-READ_AHEAD_THREADS = 2
+READ_AHEAD_THREADS = 4
 
 
 class ReadAhead:
