@@ -20,6 +20,7 @@ skips them). `rebuild=True`, a settings change or too many dead rows starts over
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -509,7 +510,9 @@ def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()
             "labels": meta.get("labels") or _label_names(meta), "built_at": time.time(), "ann": asdict(ann),
             "dim": None, "rows": {}, "live": {}, "tables": {}}
     for table in TABLES:
-        first = next(_index_rows(output, table, settings, ok), None)
+        batches = _index_rows(output, table, settings, ok)
+        first = next(batches, None)  # its schema gives the embedding width; it is indexed with the rest
+        batches = itertools.chain([first] if first is not None else [], batches)
         dim = first.schema.field("clap_embedding").type.list_size if first is not None else (old or {}).get("dim") or 512
         info["dim"] = dim
         schema = _meta_schema(output, table, settings, ok, first)
@@ -528,14 +531,12 @@ def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()
                 log.info("%s: %.0f%% of indexed rows replaced: full rebuild", table, dead * 100)
                 entry = None
         if entry is None:
-            info["tables"][table] = _fresh(writer, files, _parts(_index_rows(output, table, settings, ok)),
-                                           schema, dim, ann)
+            info["tables"][table] = _fresh(writer, files, _parts(batches), schema, dim, ann)
             info["live"][table] = info["tables"][table]["rows"]
         else:
             kept = previous.set_column(previous.schema.get_field_index("live"), "live", pa.array(live))
-            info["tables"][table] = _extend(writer, files, entry, kept.to_batches(),
-                                            _parts(_index_rows(output, table, settings, ok), before), kept.schema,
-                                            dim, ann)
+            info["tables"][table] = _extend(writer, files, entry, kept.to_batches(), _parts(batches, before),
+                                            kept.schema, dim, ann)
             info["live"][table] = int(live.sum()) + info["tables"][table]["rows"] - len(previous)
         info["rows"][table] = info["tables"][table]["rows"]
     files.publish(info)
