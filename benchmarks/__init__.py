@@ -31,3 +31,13 @@ def write_result(path: str, result: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
     logging.getLogger("benchmarks").info("wrote %s", path)
+
+
+def child_cpu_s(pid: int | None) -> float:
+    """CPU seconds of every thread of process `pid` so far (scheduler statistics, ns resolution)."""
+    if pid is None:
+        return 0.0
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import cpu_model
+from benchmarks import child_cpu_s, cpu_model
 from benchmarks.corpus import make_corpus
 from benchmarks.features import one_thread
 
@@ -54,16 +54,6 @@ def export_before(ref: str, root: Path) -> str:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(root), str(repo), os.environ.get("PYTHONPATH", "")])
     return subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", ref], check=True,
                           capture_output=True, text=True).stdout.strip()
-
-
-def child_cpu_s(pid: int | None) -> float:
-    """CPU seconds of every thread of process `pid` so far (scheduler statistics, ns resolution)."""
-    if pid is None:
-        return 0.0
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e9
 
 
 def tagging_module(package: str, name: str):

@@ -22,19 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import machine, write_result
+from benchmarks import child_cpu_s, machine, write_result
 from benchmarks.corpus import make_corpus
 
 log = logging.getLogger("benchmarks.read_ahead")
 BUCKET = "bench"
-
-
-def child_cpu_s(pid: int | None) -> float:
-    if not pid:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_once(featurize, listed, decoder) -> tuple[float, float, int]:
