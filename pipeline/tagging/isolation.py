@@ -86,10 +86,8 @@ class IsolatedDecoder:
                 if data is not None:
                     conn.send_bytes(data)
                 reply["answer"] = conn.recv()
-                if reply["answer"][0] == "ok":
-                    _, _, lengths, in_shared = reply["answer"]
-                    reply["waves"] = (_shared_views(shared, lengths, copy=not lend) if in_shared
-                                      else {rate: conn.recv_array(length) for rate, length in lengths})
+                if reply["answer"][0] == "ok" and not reply["answer"][3]:  # not in the shared buffer
+                    reply["waves"] = {rate: conn.recv_array(length) for rate, length in reply["answer"][2]}
             except Exception as e:  # EOF, broken pipe: the child died or was killed
                 reply["lost"] = e
 
@@ -108,7 +106,10 @@ class IsolatedDecoder:
         kind, payload = reply["answer"][:2]
         if kind == "error":
             raise DecodeError(*payload)
-        return Audio(waves=reply["waves"], **payload)
+        # views of the shared buffer are made here, not in the helper, where a fault of ours would pass
+        # for the child's crash
+        waves = reply["waves"] if "waves" in reply else _shared_views(shared, reply["answer"][2], copy=not lend)
+        return Audio(waves=waves, **payload)
 
     def _start(self) -> None:
         self._stop()
