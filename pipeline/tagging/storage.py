@@ -106,7 +106,8 @@ class ReadAhead:
 
         try:
             while pending or queued < len(files):
-                fill()  # with nothing pending, the next file is taken whatever its size
+                if not pending:
+                    fill()  # with nothing pending, the next file is taken whatever its size
                 file, future, size = pending.popleft()
                 ahead -= size
                 fill()  # the next reads start before this one is waited for
