@@ -36,7 +36,7 @@ class TextEncoder:
     @property
     def logit_scale(self) -> float:
         """CLAP's learned temperature for audio-text logits."""
-        return float(self.model.logit_scale_a.exp())
+        return float(self.model.logit_scale_a.detach().exp())
 
 
 class AudioEncoder:
