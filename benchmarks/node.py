@@ -291,6 +291,8 @@ def main(argv=None) -> int:
     from benchmarks.corpus import build_full_size
     from pipeline.demo import build_tiny_ast, build_tiny_clap
 
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
