@@ -146,8 +146,6 @@ def summarise(times: dict) -> dict:
     return out
 
 
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", default="main")

@@ -30,7 +30,7 @@ def make_corpus(directory: Path, files: int, seconds: float = 10.0, rate: int = 
 def _write_clip(directory: Path, i: int, seconds: float, rate: int) -> None:
     rng = np.random.default_rng([0, i])
     t = np.arange(int(seconds * rate)) / rate
-    tone = 0.2 * np.sin(2 * np.pi * (200 + 10 * i) * t)
+    tone = 0.2 * np.sin(2 * np.pi * (200 + 10 * (i % 1000)) * t)  # 200 Hz to 10.19 kHz, below Nyquist
     data = np.stack([tone + 0.02 * rng.standard_normal(len(t)) for _ in range(2)], axis=1)
     sf.write(directory / f"clip{i:05d}.flac", data.astype(np.float32), rate)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import shutil
@@ -46,25 +45,6 @@ import numpy as np
 # spin, between ops, as the job's model actors do (pipeline.tagging.job.MODEL_ENV).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 log = logging.getLogger("benchmarks.node")
-RATE, SECONDS = 44_100, 10.0
-
-
-def _write_clip(args) -> None:
-    directory, i = args
-    import soundfile as sf
-
-    rng = np.random.default_rng(i)
-    t = np.arange(int(SECONDS * RATE)) / RATE
-    tone = 0.2 * np.sin(2 * np.pi * (200 + 10 * (i % 1000)) * t)
-    data = np.stack([tone + 0.02 * rng.standard_normal(len(t)) for _ in range(2)], axis=1)
-    sf.write(Path(directory) / f"clip{i:05d}.flac", data.astype(np.float32), RATE)
-
-
-def make_corpus(directory: Path, files: int) -> None:
-    """`files` 10 s 44.1 kHz stereo FLAC clips (tone + noise, each different), written in parallel."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
-        pool.map(_write_clip, [(str(directory), i) for i in range(files)], chunksize=16)
 
 
 class Sampler:
@@ -288,7 +268,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import ray
 
-    from benchmarks.corpus import build_full_size
+    from benchmarks.corpus import build_full_size, make_corpus
     from pipeline.demo import build_tiny_ast, build_tiny_clap
 
     if args.workdir:
