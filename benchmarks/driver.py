@@ -95,7 +95,7 @@ def _window_batches(total: int, per_file: int, seed: int = 0) -> list[pa.Table]:
 def aggregate_write(total: int, per_file: int, rows_per_file: int = 20_000) -> dict:
     """CPU seconds of the driver's aggregate + write loop over `total` windows of `per_file`-window files."""
     from pipeline.tagging.aggregate import ClipAggregator, clips_table
-    from pipeline.tagging.writer import PartWriter, RunWriters
+    from pipeline.store.writer import PartWriter, RunWriters
     from schemas import clips_schema, segments_schema
 
     batches = _window_batches(total, per_file)
@@ -124,7 +124,7 @@ def aggregate_write(total: int, per_file: int, rows_per_file: int = 20_000) -> d
 
 def _tables(n: int, done_fraction: float = 0.9) -> tuple[pa.Table, pa.Table]:
     """N listed FILE_SCHEMA rows and the IDENTITY columns of the first done_fraction of them."""
-    from pipeline.tagging.commits import IDENTITY
+    from pipeline.store.ledger import IDENTITY
     from pipeline.tagging.sources import FILE_SCHEMA
 
     rng = np.random.default_rng(1)
@@ -143,7 +143,7 @@ def _tables(n: int, done_fraction: float = 0.9) -> tuple[pa.Table, pa.Table]:
 def python_set_anti_join(listed: pa.Table, done: pa.Table) -> pa.Table:
     """Baseline (pipeline/job.py before df57bde): listed rows whose IDENTITY tuple is not in a Python set
     of the done rows' tuples."""
-    from pipeline.tagging.commits import IDENTITY
+    from pipeline.store.ledger import IDENTITY
 
     keys = set(zip(*(done.column(c).to_pylist() for c in IDENTITY)))
     mask = [k not in keys for k in zip(*(listed.column(c).to_pylist() for c in IDENTITY))]
@@ -207,7 +207,7 @@ def ray_driver(total: int, per_file: int, mode: str, workers: int) -> dict:
     from pipeline.tagging.aggregate import ClipAggregator, clips_table
     from pipeline.tagging.sink import Collector, SinkConfig, WriteResults
     from pipeline.tagging.summary import RunSummary
-    from pipeline.tagging.writer import PartWriter, RunWriters
+    from pipeline.store.writer import PartWriter, RunWriters
     from schemas import clips_schema, segments_schema
 
     batches = _window_batches(total, per_file)

@@ -86,7 +86,7 @@ class Bound:
 
 def job_vs_naive(out: Path, naive_tags: list, naive_embeddings: np.ndarray, files: list[Path]) -> dict:
     """Top-5 label agreement and CLAP cosine of the job's rows against the naive loop's outputs."""
-    from pipeline.tagging.commits import read_current
+    from pipeline.store.ledger import read_current
 
     clips = read_current(str(out)).to_pandas()
     clips = clips.set_index(clips.uri.str.rsplit("/", n=1).str[-1])

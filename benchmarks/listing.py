@@ -52,7 +52,7 @@ GENERATE_ROWS = 1_000_000  # rows per generated chunk (and Parquet row group)
 def generate(directory: Path, rows: int, txt_rows: int) -> dict[str, str]:
     """manifest.parquet (N rows), manifest.txt (its first txt_rows URIs) and done.parquet (IDENTITY
     columns of the first N/2 rows), written a chunk at a time."""
-    from pipeline.tagging.commits import IDENTITY
+    from pipeline.store.ledger import IDENTITY
 
     paths = {"parquet": str(directory / "manifest.parquet"), "txt": str(directory / "manifest.txt"),
              "done": str(directory / "done.parquet")}
@@ -128,7 +128,7 @@ def _status_kb(field: str) -> int:
 
 def worker(variant: str, manifest: str, done_path: str, chunk_rows: int) -> dict:
     """Run one variant in this process: rows listed and new, wall and CPU seconds, peak RSS growth."""
-    from pipeline.tagging.commits import IDENTITY
+    from pipeline.store.ledger import IDENTITY
     from pipeline.tagging.skip import DoneSet
     from pipeline.tagging.sources import ListingConfig, iter_inputs
 

@@ -11,7 +11,7 @@ import fsspec
 
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP
 from pipeline.tagging.job import TagJobConfig, run_tag_job
-from pipeline.tagging.writer import OutputError
+from pipeline.store.writer import OutputError
 
 log = logging.getLogger("jobs.tag")
 

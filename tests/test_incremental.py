@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from pipeline.tagging.commits import read_commits, read_current
+from pipeline.store.ledger import read_commits, read_current
 from pipeline.tagging.job import TagJobConfig, run_tag_job
-from pipeline.tagging.writer import METADATA_KEY
+from pipeline.store.writer import METADATA_KEY
 from tests.audio import encode, signal as make_signal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,9 +244,9 @@ def test_crashed_and_out_of_memory_decodes_are_retried_next_run(tmp_path):
     from pipeline.tagging.aggregate import clips_table
     import pyarrow as pa
 
-    from pipeline.tagging.commits import done_files
-    from pipeline.tagging.delta import publish
-    from pipeline.tagging.writer import PartWriter
+    from pipeline.store.ledger import done_files
+    from pipeline.store.delta import publish
+    from pipeline.store.writer import PartWriter
     from schemas import clips_schema, segments_schema
 
     errors = {"a": "decoder crashed (decoder process killed by SIGKILL)",

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.tagging.job import TagJobConfig, run_tag_job
 from pipeline.tagging.windows import sample_span
-from pipeline.tagging.writer import METADATA_KEY
+from pipeline.store.writer import METADATA_KEY
 from schemas import clips_schema, segments_schema, validate_table
 from tests import reference as ref
 from tests.audio import BROKEN_REASONS, broken_files, encode, encode_m4a, signal

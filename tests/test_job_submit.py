@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipeline.tagging.commits import read_current
+from pipeline.store.ledger import read_current
 from tests.audio import encode, signal as make_signal
 from tests.s3 import free_port
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipeline.tagging.commits import read_commits, read_current
+from pipeline.store.ledger import read_commits, read_current
 from tests.audio import encode, signal as make_signal
 from tests.s3 import MotoS3, free_port
 from tests.test_job_submit import submit_job

@@ -27,11 +27,11 @@ import soundfile as sf
 
 import jobs.tag
 
-from pipeline.tagging.commits import read_current
+from pipeline.store.ledger import read_current
 from pipeline.tagging.decode import DecodeConfig, DecodeError, Decoder
 from pipeline.tagging.isolation import IsolatedDecoder
 from pipeline.tagging.job import TagJobConfig, run_tag_job
-from pipeline.tagging.writer import OutputError
+from pipeline.store.writer import OutputError
 from tests.audio import broken_files, encode, encode_m4a, signal
 
 

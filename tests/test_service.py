@@ -22,7 +22,7 @@ import pytest
 import requests
 import uvicorn
 
-from pipeline.tagging.commits import read_current
+from pipeline.store.ledger import read_current
 from pipeline.retrieval.index import build_index
 from pipeline.tagging.job import TagJobConfig, run_tag_job
 from pipeline.retrieval.search import Filters, Searcher

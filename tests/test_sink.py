@@ -95,7 +95,7 @@ def test_a_rerun_adopts_only_the_windows_of_clips_with_a_complete_clip_row(tmp_p
     """A run dies after a worker wrote x's clip row with the windows of x and of y (y split across batches,
     its clip row never written): the rerun commits x's row and x's windows only (y is processed again),
     through a copy of the segments part without y's window; the original part is deleted."""
-    from pipeline.tagging.commits import adoptable_parts, orphan_parts
+    from pipeline.store.ledger import adoptable_parts, orphan_parts
 
     (row,) = WriteResults(_config(tmp_path))(_batch()).to_pylist()
     (seg_part,) = row["segments_parts"]

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.tagging.commits import IDENTITY
+from pipeline.store.ledger import IDENTITY
 from pipeline.tagging.keyset import KeySet
 from pipeline.tagging.skip import DoneSet, identity_key
 from pipeline.tagging.sources import FILE_SCHEMA

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from benchmarks.memory import PeakMemory
-from pipeline.tagging.commits import read_current
+from pipeline.store.ledger import read_current
 from pipeline.tagging.job import TagJobConfig, run_tag_job
 from tests.audio import encode, signal
 

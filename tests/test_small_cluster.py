@@ -11,7 +11,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray._private.state import actors as actor_table  # GCS table: the state API needs a dashboard
 
-from pipeline.tagging.commits import read_current
+from pipeline.store.ledger import read_current
 from pipeline.tagging.job import TagJobConfig, _stream, build_dataset, model_stages, run_tag_job
 from pipeline.tagging.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
 from pipeline.tagging.sources import FILE_SCHEMA

@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from pipeline.checkpoints import resolve
-from pipeline.tagging.commits import read_current
+from pipeline.store.ledger import read_current
 from pipeline.tagging.job import TagJobConfig, run_tag_job
 from tests.audio import broken_files, encode, signal
 from tests.s3 import FlakyProxy, MotoS3

@@ -39,11 +39,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.tagging import delta
+from pipeline.store import delta
 from pipeline.arrow import to_matrix
-from pipeline.tagging.commits import read_commits, read_current
+from pipeline.store.ledger import read_commits, read_current
 from pipeline.retrieval.vectors import VectorStore, write_shard
-from pipeline.tagging.writer import METADATA_KEY
+from pipeline.store.writer import METADATA_KEY
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.arrow import list_element
-from pipeline.tagging.commits import read_commits
+from pipeline.store.ledger import read_commits
 from pipeline.retrieval.index import AnnConfig, fetch_index, project, store_of
 
 log = logging.getLogger(__name__)

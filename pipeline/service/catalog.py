@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from pipeline.tagging.commits import read_current
+from pipeline.store.ledger import read_current
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from ray.data.exceptions import ExecutionTimeoutError
 
 import pipeline
 from pipeline.tagging.aggregate import ZeroShot
-from pipeline.tagging.commits import (adoptable_parts, commit, committed_identity, not_transient, orphan_parts,
+from pipeline.store.ledger import (adoptable_parts, commit, committed_identity, not_transient, orphan_parts,
                                       parts_identity)
-from pipeline.tagging.delta import publish
+from pipeline.store.delta import publish
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
 from pipeline.tagging.device import resolve_precision
 from pipeline.tagging.embedder import ClapEmbedder, EmbedderConfig
@@ -40,7 +40,7 @@ from pipeline.tagging.summary import RunSummary
 from pipeline.tagging.tagger import AstTagger, TaggerConfig
 from pipeline.tagging.windows import WindowConfig
 from pipeline.tagging.sink import Collector, SinkConfig, WriteResults
-from pipeline.tagging.writer import OutputError, check_writable
+from pipeline.store.writer import OutputError, check_writable
 from schemas import SCHEMA_VERSION, clips_schema, segments_schema
 
 log = logging.getLogger(__name__)

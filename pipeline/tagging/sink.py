@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from pipeline.tagging.aggregate import ClipAggregator, ZeroShot, clips_table
 from pipeline.tagging.decode import LONG_FILE
 from pipeline.tagging.summary import RunSummary
-from pipeline.tagging.writer import PartWriter, RunWriters
+from pipeline.store.writer import PartWriter, RunWriters
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.tagging.commits import IDENTITY
+from pipeline.store.ledger import IDENTITY
 from pipeline.tagging.keyset import KeySet, split_digests
 
 NULL = "\x00"  # stands for a null value in the identity key: no value contains it, so a null matches a null

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from pipeline.tagging.commits import is_transient
-from pipeline.tagging.writer import remove_quietly
+from pipeline.store.ledger import is_transient
+from pipeline.store.writer import remove_quietly
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Run commits and the "current table": what a reader should see, and what a rerun may skip.
 
 A run's workers write part files under OUTPUT/<table>/<run_id>/ as it goes; at the end the driver
-commits them to the Delta tables OUTPUT/clips and OUTPUT/segments (pipeline/tagging/delta.py: the current
+commits them to the Delta tables OUTPUT/clips and OUTPUT/segments (pipeline/store/delta.py: the current
 table, what any reader sees), then writes the run's manifest, OUTPUT/_commits/<run_id>.json, naming
 every part file it vouches for (the ledger of all runs, also of earlier settings). A run that died is
 invisible. A rerun adopts the complete part files of a dead run with the same settings (they were
@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.tagging import delta
-from pipeline.tagging.writer import METADATA_KEY, OutputError, remove_quietly, write_part
+from pipeline.store import delta
+from pipeline.store.writer import METADATA_KEY, OutputError, remove_quietly, write_part
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def read_current(output: str, table: str = "clips", settings_hash: str | None = 
     """The current row per clip (clips), or that row's windows (segments), sorted by clip_id (then
     segment_index); only `columns` if given.
 
-    That is the Delta table OUTPUT/<table> (pipeline/tagging/delta.py). Results of other settings
+    That is the Delta table OUTPUT/<table> (pipeline/store/delta.py). Results of other settings
     (`settings_hash` not the table's) come from the run manifests: the latest committed row per clip
     among runs with those settings, so results of different settings are never mixed.
     """
