@@ -20,4 +20,4 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
 
 reliability: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m slow -o log_cli=true tests/test_slow.py
+	$(VENV)/bin/python -m pytest -q -m slow -o log_cli=true tests/test_slow.py tests/test_soak.py

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     info = build_index(args.output, rebuild=args.rebuild, ann=AnnConfig(
         nlist=args.nlist, project_dim=args.project_dim, pq_m=args.pq_m, min_rows=args.min_rows))
-    sys.stdout.write(json.dumps({k: info[k] for k in ("rows", "live", "commits", "model")}) + "\n")
+    sys.stdout.write(json.dumps({k: info[k] for k in ("rows", "live", "versions", "model")}) + "\n")
     return 0
 
 

@@ -11,7 +11,7 @@ import fsspec
 
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP
 from pipeline.tagging.job import TagJobConfig, run_tag_job
-from pipeline.store.writer import OutputError
+from jobs.exits import Exit, status_of
 
 log = logging.getLogger("jobs.tag")
 
@@ -24,7 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "local path or fsspec URI (s3://, gs://, az://, http(s)://)")
     p.add_argument("--output", required=True,
                    help="output root; Parquet parts go to OUTPUT/clips/RUN_ID/ and OUTPUT/segments/RUN_ID/, "
-                        "the Delta tables OUTPUT/clips and OUTPUT/segments, the run manifest to OUTPUT/_commits/RUN_ID.json, the summary to OUTPUT/_runs/")
+                        "the Delta tables OUTPUT/clips and OUTPUT/segments (the record of what is committed), the lease to "
+                        "OUTPUT/_lease/, the summary to OUTPUT/_runs/")
     p.add_argument("--ast-model", default=DEFAULT_AST, help="AST checkpoint: hub id or local directory")
     p.add_argument("--clap-model", default=DEFAULT_CLAP, help="CLAP checkpoint: hub id or local directory")
     p.add_argument("--top-k", type=int, default=5, help="labels kept per clip and per segment")
@@ -58,13 +59,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-files", type=int, default=100_000,
                    help="files per commit: the listing streams and each shard of this many new or changed files "
                         "is processed and committed to the Delta tables before the next (a kill loses at most "
-                        "the shard in flight, and its written parts are adopted by the rerun)")
+                        "the shard in flight, whose files the next run processes again)")
     p.add_argument("--long-file-s", type=float, default=1200.0,
                    help="featurize tasks reserve memory for files up to this many seconds; longer files run "
                         "afterwards in a lane whose tasks reserve it for the longest accepted file (6 h)")
     p.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="fail the run when no stage makes progress this long (e.g. an actor that no node can "
                         "hold) instead of waiting; -1 waits forever")
+    p.add_argument("--replace-settings", action="store_true",
+                   help="when this run's settings (models, features, precision, top-k) differ from the table's: "
+                        "reprocess every file and swap the new table in when the run ends (without it such a run "
+                        "is refused with exit status 6, naming what differs)")
     p.add_argument("--run-id", default=None, help="name of this run (default: UTC time plus random suffix)")
     p.add_argument("--log-level", default="INFO", help="logging level")
     return p.parse_args(argv)
@@ -85,14 +90,17 @@ def main(argv=None) -> int:
                        flush_every_s=args.flush_every, max_error_rate=args.max_error_rate,
                        rows_per_file=args.rows_per_file, shard_files=args.shard_files, long_file_s=args.long_file_s,
                        stall_timeout_s=args.stall_timeout,
-                       zero_shot_prompt=args.zero_shot_prompt, **extra)
+                       zero_shot_prompt=args.zero_shot_prompt, replace_settings=args.replace_settings, **extra)
     try:
         summary = run_tag_job(cfg)
-    except OutputError as e:
+    except Exception as e:
+        status = status_of(e)
+        if status is None:
+            raise
         log.error("%s", e)
-        return 2
+        return status
     sys.stdout.write(json.dumps(summary) + "\n")
-    return 0 if summary["succeeded"] else 1
+    return Exit.OK if summary["succeeded"] else Exit.BROKEN
 
 
 if __name__ == "__main__":

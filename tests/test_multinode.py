@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipeline.store.ledger import read_commits, read_current
+from pipeline.store import delta
+from pipeline.store.ledger import read_current
 from tests.audio import encode, signal as make_signal
 from tests.s3 import MotoS3, free_port
 from tests.test_job_submit import submit_job
@@ -144,13 +145,12 @@ def test_job_survives_losing_a_worker_node(cluster, checkpoints, monkeypatch):
         summary = json.loads([line for line in logs.splitlines() if line.startswith('{"run_id"')][-1])
         assert (summary["processed"], summary["ok"], summary["error"]) == (FILES, FILES, 0), summary
 
-        # exactly once: the run's committed parts hold one clip row per file and each window once
+        # exactly once: the committed data files hold one clip row per file and each window once
         output = f"s3://{BUCKET}/out"
-        (manifest,) = read_commits(output)
-        clips = [pq.read_table(fs.open(f"{BUCKET}/out/{p}", "rb")) for p in manifest["parts"]["clips"]]
+        clips = [pq.read_table(fs.open(p, "rb")) for p in delta.data_files(output, "clips")]
         ids = [i for t in clips for i in t.column("clip_id").to_pylist()]
         assert len(ids) == FILES == len(set(ids))
-        segments = [pq.read_table(fs.open(f"{BUCKET}/out/{p}", "rb")) for p in manifest["parts"]["segments"]]
+        segments = [pq.read_table(fs.open(p, "rb")) for p in delta.data_files(output, "segments")]
         windows = [w for t in segments for w in zip(t.column("clip_id").to_pylist(), t.column("segment_index").to_pylist())]
         assert len(windows) == len(set(windows))
         current = read_current(output).to_pandas()

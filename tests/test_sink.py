@@ -89,24 +89,3 @@ def test_a_batch_of_split_windows_writes_their_segments_and_no_clip(tmp_path):
     (row,) = WriteResults(_config(tmp_path))(split).to_pylist()
     assert (row["clips_parts"], row["clip_rows"], len(row["segments_parts"])) == ([], 0, 1)
     assert len(from_ipc(row["leftover"])) == 1 and not (tmp_path / "clips").exists()
-
-
-def test_a_rerun_adopts_only_the_windows_of_clips_with_a_complete_clip_row(tmp_path):
-    """A run dies after a worker wrote x's clip row with the windows of x and of y (y split across batches,
-    its clip row never written): the rerun commits x's row and x's windows only (y is processed again),
-    through a copy of the segments part without y's window; the original part is deleted."""
-    from pipeline.store.ledger import adoptable_parts, orphan_parts
-
-    (row,) = WriteResults(_config(tmp_path))(_batch()).to_pylist()
-    (seg_part,) = row["segments_parts"]
-    found = orphan_parts(str(tmp_path), "h")
-    assert sorted(found["segments"]) == [seg_part] and found["clips"] == row["clips_parts"]
-    adopted = adoptable_parts(str(tmp_path), found)
-    assert adopted["clips"] == row["clips_parts"]
-    (copy,) = adopted["segments"]
-    assert copy.endswith("-adopted.parquet") and not (tmp_path / seg_part).exists()
-    kept = pq.read_table(copy)
-    assert sorted(zip(kept.column("clip_id").to_pylist(), kept.column("segment_index").to_pylist())) == [
-        ("x", 0), ("x", 1)]
-    assert json.loads(kept.schema.metadata[b"audio_tagging"]) == {"settings_hash": "h"}
-    assert adoptable_parts(str(tmp_path), orphan_parts(str(tmp_path), "h"))["segments"] == [copy]  # kept as is now

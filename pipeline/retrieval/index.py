@@ -1,6 +1,6 @@
 """The search index next to the data: OUTPUT/_index/ (a local path or object storage).
 
-    index.json                    model, settings hash, commits covered, rows, labels, and per table the
+    index.json                    model, settings hash, Delta versions and shard covered, rows, labels, and per table the
                                   names of its files (below); written last, so it always names complete files
     {table}-{gen}.arrow           row metadata: clip_id, uri, duration_s, run_id, live, scores (+ segment_index,
                                   start_s, end_s for segments); Arrow IPC, memory-mapped
@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from pipeline.store import delta
 from pipeline.arrow import to_matrix
-from pipeline.store.ledger import read_commits, read_current
+from pipeline.store.ledger import read_current
 from pipeline.retrieval.vectors import VectorStore, write_shard
 from pipeline.store.writer import METADATA_KEY
 
@@ -480,10 +480,10 @@ def _parts(rows: Iterable[pa.Table], known: pa.Array | None = None) -> Iterator[
         yield meta, vectors
 
 
-def _data_metadata(output: str, commits: list[dict]) -> dict:
-    fs, root = fsspec.core.url_to_fs(output)
-    part = f"{root.rstrip('/')}/{commits[-1]['parts']['clips'][0]}"
-    with fs.open(part, "rb") as f:
+def _data_metadata(output: str, clips) -> dict:
+    """The run metadata stored in a data file of the current clips table."""
+    fs, _ = fsspec.core.url_to_fs(output)
+    with fs.open(delta.data_files(output, "clips", clips)[0], "rb") as f:
         return json.loads(pq.read_schema(f).metadata[METADATA_KEY])
 
 
@@ -492,12 +492,12 @@ def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()
     Rows stream from the current (Delta) table into the index files a batch at a time, so the driver
     never holds the table's embeddings or scores (a full build); an update reads every current row's
     (clip_id, run_id) to mark replaced rows, then streams only the new rows."""
-    commits = [c for c in read_commits(output) if c["parts"]["clips"]]
-    if not commits:
+    clips = delta.open_table(output, "clips")
+    if clips is None or not delta.data_files(output, "clips", clips):
         raise FileNotFoundError(f"no committed results under {output}: run jobs.tag first")
-    settings = commits[-1]["settings_hash"]
-    covered = [c["run_id"] for c in read_commits(output) if c["settings_hash"] == settings]
-    meta = _data_metadata(output, commits)
+    settings = delta.table_settings(clips)
+    covered = {"versions": delta.versions(output), "shard": delta.shard_seq(clips)}
+    meta = _data_metadata(output, clips)
     ok = _ok_clips(output, settings)
     files = IndexFiles(output)
     old = files.info()
@@ -506,7 +506,7 @@ def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()
         rebuild = True
     gen = uuid.uuid4().hex[:8]
     files.new_stage()
-    info = {"format": FORMAT, "settings_hash": settings, "commits": covered, "model": meta["models"]["clap"],
+    info = {"format": FORMAT, "settings_hash": settings, **covered, "model": meta["models"]["clap"],
             "labels": meta.get("labels") or _label_names(meta), "built_at": time.time(), "ann": asdict(ann),
             "dim": None, "rows": {}, "live": {}, "tables": {}}
     for table in TABLES:
@@ -540,7 +540,8 @@ def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()
             info["live"][table] = int(live.sum()) + info["tables"][table]["rows"] - len(previous)
         info["rows"][table] = info["tables"][table]["rows"]
     files.publish(info)
-    log.info("index %s: %s rows (%s live), commits %s", index_dir(output), info["rows"], info["live"], covered)
+    log.info("index %s: %s rows (%s live), Delta versions %s", index_dir(output), info["rows"], info["live"],
+             covered["versions"])
     return info
 
 
@@ -585,7 +586,7 @@ def write_synthetic_index(output: str, blocks: Iterable[np.ndarray] | np.ndarray
     timings = {}
     entry = _fresh(writer, files, parts(), _synthetic_batch(0, 1).schema, dim, ann, timings)
     n = entry["rows"]
-    info = {"format": FORMAT, "settings_hash": "synthetic", "commits": [], "labels": ["synthetic"],
+    info = {"format": FORMAT, "settings_hash": "synthetic", "versions": None, "shard": 0, "labels": ["synthetic"],
             "built_at": time.time(), "model": {"source": "synthetic", "revision": "none", "untrained": True},
             "ann": asdict(ann), "dim": dim, "rows": {t: n for t in TABLES}, "live": {t: n for t in TABLES},
             "tables": {t: entry for t in TABLES}}

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.arrow import list_element
-from pipeline.store.ledger import read_commits
+from pipeline.store import delta
 from pipeline.retrieval.index import AnnConfig, fetch_index, project, store_of
 
 log = logging.getLogger(__name__)
@@ -204,9 +204,10 @@ class Searcher:
         self._audio = None
 
     def _stale(self) -> bool:
-        covered = set(self.info["commits"])
-        latest = [c for c in read_commits(self.output) if c["settings_hash"] == self.info["settings_hash"]]
-        return any(c["run_id"] not in covered for c in latest)
+        """Whether shards were committed since the index was built (compaction commits no shard)."""
+        clips = delta.open_table(self.output, "clips")
+        return clips is not None and (delta.shard_seq(clips), delta.table_settings(clips)) != (
+            self.info["shard"], self.info["settings_hash"])
 
     def warm(self) -> None:
         """Load now what the first ANN query would load (the IVF-PQ of the segments table)."""

@@ -126,7 +126,7 @@ def create_app(output: str, searcher: Searcher | None = None, exact: bool = Fals
     def info() -> dict:
         i = searcher.info
         return {"model": i["model"], "labels": searcher.labels, "rows": i["rows"], "live": i["live"],
-                "commits": i["commits"], "stale_index": searcher.stale,
+                "versions": i["versions"], "stale_index": searcher.stale,
                 "limits": {"max_query_chars": MAX_QUERY_CHARS, "max_k": MAX_K, "max_upload_bytes": max_upload_bytes}}
 
     @app.get("/api/search", response_model=SearchOut, responses=errors(400, 422))

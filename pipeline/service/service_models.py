@@ -62,6 +62,6 @@ class InfoOut(BaseModel):
     labels: list[str]
     rows: dict[str, int]
     live: dict[str, int]
-    commits: list[str]
+    versions: dict[str, int] | None   # Delta versions of clips and segments the index covers
     stale_index: bool
     limits: dict[str, int]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 
 import fsspec
 import pyarrow as pa
@@ -38,6 +39,7 @@ class PartWriter:
         self.directory = f"{root.rstrip('/')}/{table}/{run_id}"
         self.schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
         self.rows_per_file = rows_per_file
+        self.prefix = f"part-{secrets.token_hex(6)}"   # default names: unique per writer, never overwritten
         self.rows_written = 0
         self.files: list[str] = []
         self._buffer: list[pa.Table] = []
@@ -56,12 +58,13 @@ class PartWriter:
         return self._buffered >= self.rows_per_file
 
     def flush(self, name: str | None = None) -> None:
-        """Write the buffered rows as one part file, named `name`.parquet (default part-NNNNN)."""
+        """Write the buffered rows as one part file, named `name`.parquet (default PREFIX-NNNNN, PREFIX
+        random per writer: the driver's writers of a run's shards share a folder)."""
         if not self._buffered:
             return
         table = pa.concat_tables(self._buffer).replace_schema_metadata(self.schema.metadata)
         validate_table(table, self.schema)
-        final = write_part(self.fs, self.directory, f"{name or f'part-{len(self.files):05d}'}.parquet", table)
+        final = write_part(self.fs, self.directory, f"{name or f'{self.prefix}-{len(self.files):05d}'}.parquet", table)
         self.files.append(final)
         self.rows_written += len(table)
         log.debug("wrote %d rows to %s", len(table), final)
@@ -115,8 +118,8 @@ def write_part(fs, directory: str, name: str, table: pa.Table) -> str:
         fs.mv(temp, final)
     except OSError as e:
         remove_quietly(fs, temp)
-        raise OutputError(f"cannot write results to {directory}: {e}. Nothing of this run is "
-                          "committed; complete parts are adopted by the next run") from e
+        raise OutputError(f"cannot write results to {directory}: {e}. The shard in flight is not committed "
+                          "(earlier shards are); the next run processes its files again") from e
     return final
 
 

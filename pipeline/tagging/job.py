@@ -17,15 +17,14 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from ray.data.exceptions import ExecutionTimeoutError
 
 import pipeline
 from pipeline.tagging.aggregate import ZeroShot
-from pipeline.store.ledger import (adoptable_parts, commit, committed_identity, not_transient, orphan_parts,
-                                      parts_identity)
-from pipeline.store.delta import publish
+from pipeline.store import delta, faults
+from pipeline.store.lease import Lease
+from pipeline.store.ledger import committed_identity, not_transient
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
 from pipeline.tagging.device import resolve_precision
 from pipeline.tagging.embedder import ClapEmbedder, EmbedderConfig
@@ -73,6 +72,7 @@ class TagJobConfig:
     max_error_rate: float | None = None  # fraction of processed files; more errors fail the run (exit 1)
     zero_shot_labels: tuple[str, ...] = ()
     zero_shot_prompt: str = "This is a sound of {label}."
+    replace_settings: bool = False  # settings differ from the table's: rebuild it and swap it in at the end
     run_id: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).strftime(
         "%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3))
 
@@ -93,13 +93,16 @@ class ModelStages:
     embedder: EmbedderConfig
 
 
-def model_stages(cfg: TagJobConfig, plan: ResourcePlan) -> ModelStages:
+def model_stages(cfg: TagJobConfig, plan: ResourcePlan, table_precision: str | None = None) -> ModelStages:
+    """The stages' configs; `auto` precision takes the table's (`table_precision`) when there is one, so
+    the cluster's shape on the night of a run (a GPU node not up yet) never changes the settings."""
     ast_fb = AstFbankConfig.from_pretrained(cfg.ast_model)
     clap_mel = ClapMelConfig.from_pretrained(cfg.clap_model)
     featurize = FeaturizeConfig(windows=WindowConfig(hop_s=cfg.hop_s), ast=ast_fb, clap=clap_mel,
                                 windows_per_block=cfg.windows_per_block)
     micro_batch = cfg.micro_batch or plan.micro_batch
-    precision = resolve_precision(cfg.precision, plan.gpus_per_actor > 0)
+    precision = (table_precision if cfg.precision == "auto" and table_precision else
+                 resolve_precision(cfg.precision, plan.gpus_per_actor > 0))
     tagger = TaggerConfig(cfg.ast_model, ast_fb.max_length, ast_fb.num_mel_bins, micro_batch,
                           plan.ast_threads, precision)
     embedder = EmbedderConfig(cfg.clap_model, (clap_mel.channels, clap_mel.num_frames, clap_mel.num_mel_bins),
@@ -172,20 +175,58 @@ NODE_ID_LABEL = "ray.io/node-id"  # Ray's default label on every node
 MODEL_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
-def run_metadata(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan) -> dict:
-    """What produced the output: models, feature settings, versions, and a hash of all that decides
-    the results (a rerun with another hash reprocesses every file)."""
-    features = {"featurize": _jsonable(asdict(stages.featurize)), "micro_batch": stages.tagger.micro_batch}
+def run_metadata(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan) -> tuple[dict, delta.Settings]:
+    """What produced the output (models, feature settings, versions), and the settings: all that decides
+    the results, hashed (a rerun with another hash reprocesses every file, or is refused). The micro-batch
+    and the device are not settings: results are batch-independent, and fp32 on a GPU matches fp32 on CPU,
+    within the parity bounds (a few ulps); they are recorded in `compute`."""
+    features = {"featurize": _jsonable(asdict(stages.featurize))}
     models = {"ast": describe(cfg.ast_model).to_dict(), "clap": describe(cfg.clap_model).to_dict()}
-    settings = {"features": features, "models": models, "top_k": cfg.top_k, "schema": SCHEMA_VERSION,
-                "precision": stages.tagger.precision,
-                "zero_shot": [list(cfg.zero_shot_labels), cfg.zero_shot_prompt] if cfg.zero_shot_labels else None}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    # the device is informative only: fp32 on a GPU matches fp32 on CPU within the parity bounds
-    compute = {"precision": stages.tagger.precision, "device": "gpu" if plan.gpus_per_actor > 0 else "cpu"}
-    return {"pipeline_version": pipeline.__version__, "schema_version": SCHEMA_VERSION, "run_id": cfg.run_id,
-            "models": models, "features": features, "compute": compute, "settings_hash": digest,
-            "top_k": cfg.top_k, "zero_shot": settings["zero_shot"]}
+    values = {"features": features, "models": models, "top_k": cfg.top_k, "schema": SCHEMA_VERSION,
+              "precision": stages.tagger.precision,
+              "zero_shot": [list(cfg.zero_shot_labels), cfg.zero_shot_prompt] if cfg.zero_shot_labels else None}
+    settings = delta.Settings(hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16], values)
+    compute = {"precision": stages.tagger.precision, "device": "gpu" if plan.gpus_per_actor > 0 else "cpu",
+               "micro_batch": stages.tagger.micro_batch}
+    metadata = {"pipeline_version": pipeline.__version__, "schema_version": SCHEMA_VERSION, "run_id": cfg.run_id,
+                "models": models, "features": features, "compute": compute, "settings_hash": settings.hash,
+                "top_k": cfg.top_k, "zero_shot": values["zero_shot"]}
+    return metadata, settings
+
+
+class SettingsChanged(ValueError):
+    """The run's settings differ from those of the table it would extend, and no replacement was asked for."""
+
+
+def check_settings(output: str, table: dict | None, table_hash: str | None, settings: delta.Settings,
+                   replace: bool) -> bool:
+    """Whether this run replaces the table (True) or extends it (False); SettingsChanged if its settings
+    differ from the table's and `replace` was not asked for."""
+    if table_hash is None or table_hash == settings.hash:
+        return False
+    if replace:
+        log.info("settings differ from the table's (%s): --replace-settings: reprocessing every file into a new "
+                 "table, swapped in when the run ends", ", ".join(_differing(table, settings.values)))
+        return True
+    raise SettingsChanged(
+        f"{output} holds results made with other settings (hash {table_hash}, this run {settings.hash}); "
+        f"they differ in: {', '.join(_differing(table, settings.values))}. Rerun with the table's settings, or "
+        "pass --replace-settings to reprocess every file with these and swap the new table in at the end "
+        "(earlier results stay readable by Delta time travel until vacuumed)")
+
+
+def _differing(old: dict | None, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two settings dicts."""
+    if old is None:
+        return ["(unknown: the table was made by an older version)"]
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differing(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key} ({json.dumps(a)[:60]} -> {json.dumps(b)[:60]})")
+    return keys
 
 
 def _jsonable(value):
@@ -199,37 +240,52 @@ def _jsonable(value):
 def run_tag_job(cfg: TagJobConfig) -> dict:
     """Run one tagging pass; returns the summary dict (also logged and saved under OUTPUT/_runs/).
 
-    Files already tagged with the same models and settings (same clip_id, size, modified time and
-    etag in a committed run, or in a complete part of a run that died) are skipped.
+    Holds OUTPUT's lease for the whole run (a second run is refused at once), finishes a shard an earlier
+    run left half-committed, then skips files already tagged with the same models and settings (same
+    clip_id, size, modified time and etag in the current table) and commits the rest shard by shard.
     """
     check_writable(cfg.output)
-    if not ray.is_initialized():
-        ray.init()
-    summary = RunSummary(cfg.run_id, cfg.max_error_rate)
-    plan = plan_resources(node_shapes(), cfg.num_gpus, cfg.ast_actors, cfg.clap_actors)
-    stages = model_stages(cfg, plan)
-    metadata = run_metadata(cfg, stages, plan)
-    _warn_untrained(metadata)
-    settings = metadata["settings_hash"]
-    adopted = adoptable_parts(cfg.output, orphan_parts(cfg.output, settings))
-    summary.adopted_parts = sum(len(v) for v in adopted.values())
-    skip = SkipCheck.build(cfg.output, settings, adopted["clips"])
-    shards = 0
-    for files in _shards(iter_inputs(ListingConfig(cfg.input)), skip, cfg.shard_files, summary):
-        written = _tag(files, cfg, stages, plan, metadata, summary)
-        first = {t: adopted[t] if not shards else [] for t in adopted}
-        _commit_shard(cfg, settings, {t: first[t] + written[t] for t in adopted}, skip.replaced(files.column("clip_id")),
-                      shards)
-        shards += 1
-    if not shards:
-        log.info("nothing new to process: all %d listed files are unchanged since a committed run", summary.files_seen)
-        _commit_shard(cfg, settings, adopted, skip.replaced(pa.array([], pa.string())), 0)
-    summary.finish()
-    summary.log()
-    try:
-        log.info("summary written to %s", summary.save(cfg.output))
-    except OSError as e:  # the run is committed; a missing summary file must not fail it
-        log.warning("run committed, but its summary could not be saved under OUTPUT/_runs: %s", e)
+    with Lease(cfg.output, cfg.run_id, purpose="tag") as lease:   # before any work: a second run stops here
+        faults.point("lease-acquired")
+        if not ray.is_initialized():
+            ray.init()
+        summary = RunSummary(cfg.run_id, cfg.max_error_rate)
+        plan = plan_resources(node_shapes(), cfg.num_gpus, cfg.ast_actors, cfg.clap_actors)
+        delta.recover(cfg.output)
+        clips = delta.open_table(cfg.output, "clips")
+        table = delta.table_settings_values(clips) if clips is not None else None
+        stages = model_stages(cfg, plan, (table or {}).get("precision"))
+        metadata, settings = run_metadata(cfg, stages, plan)
+        _warn_untrained(metadata)
+        replace = check_settings(cfg.output, table, delta.table_settings(clips) if clips else None, settings,
+                                 cfg.replace_settings)
+        skip = SkipCheck.build(cfg.output, settings.hash if not replace else None)
+        seq, shards = delta.shard_seq(clips), 0
+        held = {"segments": [], "clips": []}   # a replacement's parts, committed together at the end
+        for files in _shards(iter_inputs(ListingConfig(cfg.input)), skip, cfg.shard_files, summary):
+            written = _tag(files, cfg, stages, plan, metadata, summary)
+            faults.point("parts-written")
+            shards += 1
+            if replace:
+                held = {t: held[t] + written[t] for t in held}
+                continue
+            lease.check()
+            seq += 1
+            delta.commit_shard(cfg.output, seq, cfg.run_id, settings, written, table_schemas(cfg),
+                               skip.replaced(files.column("clip_id")), fault=faults.point)
+        if replace:
+            lease.check()
+            delta.commit_shard(cfg.output, seq + 1, cfg.run_id, settings, held, table_schemas(cfg),
+                               pa.array([], pa.string()), overwrite=True, fault=faults.point)
+        elif not shards:
+            log.info("nothing new to process: all %d listed files are unchanged since a committed run", summary.files_seen)
+        summary.finish()
+        summary.log()
+        try:
+            log.info("summary written to %s", summary.save(cfg.output))
+        except OSError as e:  # the run is committed; a missing summary file must not fail it
+            log.warning("run committed, but its summary could not be saved under OUTPUT/_runs: %s", e)
+        faults.point("summary-saved")
     return summary.to_dict()
 
 
@@ -248,14 +304,6 @@ def _shards(chunks, skip: "SkipCheck", shard_files: int, summary: RunSummary):
             pending, held = [table.slice(shard_files)], held - shard_files
     if held:
         yield pa.concat_tables(pending)
-
-
-def _commit_shard(cfg: TagJobConfig, settings: str, parts: dict[str, list[str]], replaced: pa.Array,
-                  shard: int) -> None:
-    """Make a shard's parts the current rows (Delta commit, replacing older rows of `replaced` clips),
-    then record them in the run's manifest (OUTPUT/_commits/RUN_ID.json; later shards RUN_ID.NNNNN.json)."""
-    publish(cfg.output, cfg.run_id, settings, parts, table_schemas(cfg), replaced)
-    commit(cfg.output, cfg.run_id if not shard else f"{cfg.run_id}.{shard:05d}", settings, parts)
 
 
 def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: dict,
@@ -356,30 +404,27 @@ def _concat(*tables: pa.Table | None) -> pa.Table | None:
 
 class SkipCheck:
     """What a run may skip and what its commits replace, read once from the current table (streamed in
-    record batches) and from adopted parts: the identities of done files (DoneSet, 16 B each) and the
-    clip_ids that have a row in the current table (16 B each)."""
+    record batches; the lease keeps it from changing under the run but through the run's own commits):
+    the identities of done files (DoneSet, 16 B each) and the clip_ids with a row in the table (16 B each)."""
 
-    def __init__(self, done: DoneSet, current: KeySet, adopted_ids: pa.Array):
-        self.done, self.current, self.adopted_ids = done, current, adopted_ids
+    def __init__(self, done: DoneSet, current: KeySet):
+        self.done, self.current = done, current
 
     @classmethod
-    def build(cls, output: str, settings_hash: str, adopted: list[str]) -> "SkipCheck":
+    def build(cls, output: str, settings_hash: str | None) -> "SkipCheck":
+        """From the current table if it has `settings_hash`; empty for None (a replacement redoes all)."""
         done, current = DoneSet(), KeySet()
-        for batch in committed_identity(output, settings_hash):
+        for batch in committed_identity(output, settings_hash) if settings_hash else ():
             current.add(*_id_hashes(batch.column("clip_id")))
             done.add(not_transient(pa.Table.from_batches([batch])))
-        rows = parts_identity(output, adopted)
-        if rows is not None:
-            done.add(not_transient(rows))
-        ids = rows.column("clip_id").combine_chunks() if rows is not None else pa.array([], pa.string())
-        return cls(done, current, ids)
+        return cls(done, current)
 
     def new_or_changed(self, listed: pa.Table) -> pa.Table:
         return self.done.new_or_changed(listed) if len(self.done) and len(listed) else listed
 
     def replaced(self, clip_ids: pa.Array | pa.ChunkedArray) -> pa.Array:
-        """Those of `clip_ids` (and of the adopted parts' clips) that have a row in the current table."""
-        ids = pa.chunked_array([clip_ids, self.adopted_ids], pa.string()).combine_chunks()
+        """Those of `clip_ids` that have a row in the current table."""
+        ids = pa.chunked_array([clip_ids], pa.string()).combine_chunks()
         if not len(ids) or not len(self.current):
             return ids.slice(0, 0)
         return ids.filter(pa.array(self.current.contains(*_id_hashes(ids))))

@@ -24,7 +24,6 @@ class RunSummary:
     max_error_rate: float | None = None   # fail the run when more of the processed files are errors
     files_seen: int = 0
     skipped_unchanged: int = 0
-    adopted_parts: int = 0
     ok: int = 0
     error: int = 0
     transient: int = 0
@@ -80,7 +79,7 @@ class RunSummary:
     def to_dict(self) -> dict:
         return {
             "run_id": self.run_id, "files_seen": self.files_seen, "skipped_unchanged": self.skipped_unchanged,
-            "processed": self.files_seen - self.skipped_unchanged, "adopted_parts": self.adopted_parts,
+            "processed": self.files_seen - self.skipped_unchanged,
             "ok": self.ok, "error": self.error,
             "errors_by_reason": dict(sorted(self.errors_by_reason.items())),
             "warnings_by_reason": dict(sorted(self.warnings_by_reason.items())), "segments": self.segments,

@@ -1,0 +1,56 @@
+"""The crash matrix, fixed subset (the seeded soak over random kill points is in `make reliability`):
+the driver is SIGKILLed at each named step of a shard's commit sequence, in a chain of runs over one
+OUTPUT with several shards of files split across batches, a changed file and a transient error row.
+After each kill a plain Delta reader sees a consistent table; after a clean rerun, the table equals
+that of one clean run."""
+
+from __future__ import annotations
+
+import time
+
+
+from pipeline.store.lease import Lease
+from tests.audio import encode, signal
+from tests.crash import assert_consistent, assert_same_results, tag
+
+
+def _corpus(directory, files: int = 7, seconds: float = 25.0):
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (directory / f"f{i}.wav").write_bytes(encode(signal(seconds, 16_000, seed=i), 16_000, "WAV", "PCM_16"))
+    manifest = directory.parent / f"{directory.name}.txt"   # a listed file that is missing: a transient error row
+    manifest.write_text("".join(f"{directory / f'f{i}.wav'}\n" for i in range(files)) + f"{directory / 'gone.wav'}\n")
+    return manifest
+
+
+def test_kills_at_every_commit_step_then_a_clean_rerun_equal_one_clean_run(checkpoints, tmp_path):
+    manifest, out = _corpus(tmp_path / "in"), tmp_path / "out"
+    uris = {line for line in manifest.read_text().splitlines()}
+    shards = ("--shard-files", "3")
+    chain = [("a", "segments-added@2"), ("b", "clips-committed@1"), ("c", "rewrites-written@1"),
+             ("d", "segments-cleaned@1"), ("e", "parts-written@1"), ("f", "lease-acquired")]
+    for i, (run_id, fault) in enumerate(chain):
+        if run_id == "c":   # a file changes between runs: its row and windows are replaced, never doubled
+            (tmp_path / "in" / "f1.wav").write_bytes(encode(signal(14.0, 16_000, seed=99), 16_000, "WAV"))
+        status, _, stderr = tag(manifest, out, checkpoints, run_id, *shards, fault=fault)
+        assert status == -9, f"{fault}: {stderr}"
+        assert_consistent(out)
+    status, summary, stderr = tag(manifest, out, checkpoints, "clean", *shards)
+    assert status == 0, stderr
+    assert summary["error"] == 1 and summary["processed"] >= 1
+    assert_consistent(out, uris)
+
+    reference = tmp_path / "reference"
+    status, _, stderr = tag(manifest, reference, checkpoints, "ref", *shards)
+    assert status == 0, stderr
+    assert_same_results(out, reference)
+
+
+def test_a_second_run_is_refused_at_once_while_the_output_is_held(checkpoints, tmp_path):
+    manifest, out = _corpus(tmp_path / "in", files=1), tmp_path / "out"
+    with Lease(str(out), "holder", purpose="tag"):
+        started = time.monotonic()
+        status, _, stderr = tag(manifest, out, checkpoints, "second", fault=None)
+        assert status == 4, stderr
+        assert "held by run holder" in stderr and time.monotonic() - started < 30
+    assert not (out / "clips").exists(), "the refused run did no work"
