@@ -229,7 +229,8 @@ def test_another_precision_reprocesses_and_is_never_mixed_in(job):
     for run_id in ("auto-cpu", "bf16"):
         part = next((out / "clips" / run_id).glob("part-*.parquet"))
         compute[run_id] = json.loads(pq.read_schema(part).metadata[METADATA_KEY])["compute"]
-    assert compute == {"auto-cpu": {"precision": "fp32", "device": "cpu"}, "bf16": {"precision": "bf16", "device": "cpu"}}
+    assert compute == {"auto-cpu": {"precision": "fp32", "device": "cpu", "micro_batch": 1},
+                       "bf16": {"precision": "bf16", "device": "cpu", "micro_batch": 1}}
     first = DeltaTable(str(out / "clips")).history()[-1]["audio_tagging.settings_hash"]
     fp32 = read_current(str(out), settings_hash=first).to_pandas()
     a, b = np.stack(fp32.sort_values("uri").clap_embedding), np.stack(current.sort_values("uri").clap_embedding)
@@ -316,12 +317,13 @@ def test_shards_of_files_split_across_batches_lose_and_repeat_nothing(job):
     rows): every shard's driver parts survive, and a plain Delta reader sees each file once with all its
     windows once (issue 21, case 1: driver parts of later shards overwrote earlier ones)."""
     corpus, out, run = job
-    for i in range(9):
-        _write(corpus, f"f{i}.wav", 45.0, seed=i)  # five windows each
-    summary = run("split", shard_files=3, batch_size=2)
-    assert (summary["processed"], summary["ok"]) == (9, 9)
+    for i in range(8):
+        _write(corpus, f"f{i}.wav", 60.0, seed=i)  # six windows each: 24 a shard, over a batch of 16
+    summary = run("split", shard_files=4, batch_size=2)
+    assert (summary["processed"], summary["ok"]) == (8, 8)
+    assert len(DeltaTable(str(out / "clips")).history()) == 2
     plain = DeltaTable(str(out / "clips")).to_pandas()
-    assert len(plain) == 9 and plain.clip_id.is_unique
+    assert len(plain) == 8 and plain.clip_id.is_unique
     windows = DeltaTable(str(out / "segments")).to_pandas()
-    assert len(windows) == 45 and not windows.duplicated(["clip_id", "segment_index"]).any()
+    assert len(windows) == 48 and not windows.duplicated(["clip_id", "segment_index"]).any()
     assert run("split-again")["processed"] == 0
