@@ -287,8 +287,8 @@ def test_disk_full_at_the_output_leaves_nothing_half_written(checkpoints, tmp_pa
         filler = disk / "filler"
         filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 4096))  # room for the start probe only
         out = disk / "results"
-        assert jobs.tag.main(_args(corpus, out, checkpoints, "full")) == 2
-        assert "No space left on device" in caplog.text and "Nothing of this run is committed" in caplog.text
+        assert jobs.tag.main(_args(corpus, out, checkpoints, "full")) == 3
+        assert "No space left on device" in caplog.text and "The shard in flight is not committed" in caplog.text
         written = [p for p in out.rglob("*") if p.is_file()]
         assert not [p for p in written if p.name.startswith("_tmp-")], written
         for part in (p for p in written if p.suffix == ".parquet"):

@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 
 import fsspec
 
+from pipeline.store.writer import OutputError
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(\d{10})\.json$")
@@ -127,7 +129,10 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Lease:
-        self.acquire()
+        try:
+            self.acquire()
+        except OSError as e:   # OUTPUT cannot be written: an output error, not a lease held by another run
+            raise OutputError(f"cannot take the lease on {self.output}: {e}") from e
         return self
 
     def __exit__(self, *exc) -> None:
