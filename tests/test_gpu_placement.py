@@ -63,7 +63,8 @@ def test_actors_share_one_gpu_and_fall_back_to_cpu(gpu_cluster, checkpoints, tmp
     assert summary["ok"] == 3
     assert min(lowest) == pytest.approx(0.0), "both actors should hold half the GPU at once"
     part = next((tmp_path / "out" / "clips" / "gpu").glob("part-*.parquet"))
-    assert json.loads(pq.read_schema(part).metadata[METADATA_KEY])["compute"] == {"precision": "fp32", "device": "gpu"}
+    assert json.loads(pq.read_schema(part).metadata[METADATA_KEY])["compute"] == {"precision": "fp32", "device": "gpu",
+                                                                                  "micro_batch": 128}
     clips = pd.read_parquet(tmp_path / "out" / "clips")
     for row in clips.itertuples():
         wave = files[row.uri.rsplit("/", 1)[-1]][:, 0]
@@ -109,6 +110,11 @@ def test_precision_follows_the_plan_unless_given(checkpoints):
     assert stages("fp32", gpu) == ("fp32", "fp32") and stages("bf16", cpu) == ("bf16", "bf16")
     with pytest.raises(ValueError, match="precision"):
         stages("fp16", gpu)
+    # auto takes the table's precision when OUTPUT has a table: the cluster's shape does not change settings
+    assert model_stages(TagJobConfig(input=".", output=".", ast_model=checkpoints["ast"],
+                                     clap_model=checkpoints["clap"]), cpu, "bf16").tagger.precision == "bf16"
+    assert model_stages(TagJobConfig(input=".", output=".", ast_model=checkpoints["ast"],
+                                     clap_model=checkpoints["clap"]), gpu, "fp32").tagger.precision == "fp32"
 
 
 def test_gpu_plans_follow_the_sizing_formula(caplog):

@@ -157,6 +157,22 @@ def test_rerun_with_other_batch_sizes_is_identical(run, corpus, checkpoints, tmp
             b.drop(columns=["run_id", "scores", "ast_embedding", "clap_embedding", "labels"]))
 
 
+def test_another_micro_batch_has_the_same_settings_and_results_within_ulps(run, corpus, checkpoints, tmp_path):
+    """The micro-batch is not a setting (issue 21: the default follows the cluster's shape): another size
+    gives the same settings hash, and results that differ only by float rounding (other GEMM shapes)."""
+    out_a, _ = run
+    cfg = TagJobConfig(input=str(corpus), output=str(tmp_path), ast_model=checkpoints["ast"],
+                       clap_model=checkpoints["clap"], top_k=3, micro_batch=1, run_id="run-mb1")
+    run_tag_job(cfg)
+    a, b = _read(out_a, "segments").reset_index(drop=True), _read(tmp_path, "segments").reset_index(drop=True)
+    for col in ("scores", "ast_embedding", "clap_embedding"):
+        np.testing.assert_allclose(np.stack(a[col]), np.stack(b[col]), atol=2e-6, rtol=0)
+    meta = [json.loads(pq.read_schema(next((out / "clips").rglob("part-*.parquet"))).metadata[METADATA_KEY])
+            for out in (out_a, tmp_path)]
+    assert meta[0]["settings_hash"] == meta[1]["settings_hash"]
+    assert (meta[0]["compute"]["micro_batch"], meta[1]["compute"]["micro_batch"]) == (4, 1)
+
+
 def test_featurize_stays_a_cpu_task_stage(checkpoints, local_ray, capsys):
     """Ray fuses a task stage into the next actor stage when their resources match; decoding inside
     the model actors would serialise it. The optimized physical plan keeps them apart."""
