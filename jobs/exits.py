@@ -13,6 +13,7 @@ class Exit(enum.IntEnum):
     HELD = 4        # another run holds OUTPUT's lease (or this run lost it): retry later
     PLACEMENT = 5   # the cluster cannot hold the plan (resource named in the message)
     SETTINGS = 6    # the run's settings differ from the table's; --replace-settings to rebuild
+    INPUT = 7       # the input cannot be listed: not found, a malformed manifest, or it lists nothing
 
 
 def status_of(error: BaseException) -> Exit | None:
@@ -22,9 +23,10 @@ def status_of(error: BaseException) -> Exit | None:
     from pipeline.store.writer import OutputError
     from pipeline.tagging.job import SettingsChanged
     from pipeline.tagging.resources import PlacementError
+    from pipeline.tagging.sources import InputError
 
     for kind, status in ((LeaseError, Exit.HELD), (OutputError, Exit.OUTPUT), (LedgerError, Exit.OUTPUT),
-                         (PlacementError, Exit.PLACEMENT), (SettingsChanged, Exit.SETTINGS)):
+                         (PlacementError, Exit.PLACEMENT), (SettingsChanged, Exit.SETTINGS), (InputError, Exit.INPUT)):
         if isinstance(error, kind):
             return status
     return None

@@ -1,10 +1,10 @@
 """Search tagged audio: by text, by example audio, more-like-this; zero-shot labels; near-duplicates.
 
-    python -m jobs.search --index OUT --text "dog barking in the rain" [--k 10] [--json]
-    python -m jobs.search --index OUT --audio query.wav
-    python -m jobs.search --index OUT --like CLIP_ID [--label Dog --min-score 0.3] [--segments]
-    python -m jobs.search --index OUT --zero-shot labels.txt
-    python -m jobs.search --index OUT --duplicates 0.95
+    python -m jobs.search --output OUT --text "dog barking in the rain" [--k 10] [--json]
+    python -m jobs.search --output OUT --audio query.wav
+    python -m jobs.search --output OUT --like CLIP_ID [--label Dog --min-score 0.3] [--segments]
+    python -m jobs.search --output OUT --zero-shot labels.txt
+    python -m jobs.search --output OUT --duplicates 0.95
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ MAX_K = 1000
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.search", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--index", required=True, help="the tagging job's output root, with _index/ from jobs.index")
+    p.add_argument("--output", "--index", dest="output", required=True,
+                   help="the tagging job's output root, with _index/ from jobs.index (--index: its older name)")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text", help="free-text query (CLAP text tower of the indexed model)")
     q.add_argument("--audio", help="path or URI of an audio file to search by example")
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        searcher = Searcher(args.index, exact=args.exact, clap_model=args.clap_model)
+        searcher = Searcher(args.output, exact=args.exact, clap_model=args.clap_model)
         rows = _run(searcher, args)
     except SearchError as e:
         sys.stderr.write(f"error: {e}\n")

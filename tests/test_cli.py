@@ -71,3 +71,26 @@ def test_max_error_rate_fails_a_run_with_too_many_bad_files(checkpoints, tmp_pat
     assert (summary["ok"], summary["error"], summary["succeeded"]) == (1, 1, False)
     assert summary["failure"] == "1 of 2 processed files are errors (50.0%), more than --max-error-rate 0.25"
     assert len(pd.read_parquet(tmp_path / "out" / "clips")) == 2  # committed all the same
+
+
+def test_bad_arguments_are_usage_errors_before_ray_starts():
+    """Each default is shown once (none as "None"); bad values exit 2 with argparse's message, at once."""
+    helptext = _run("jobs.tag", "--help").stdout
+    assert "(default: None)" not in helptext and "input and output:" in helptext
+    for flag, value, message in (("--num-gpus", "lots", "GPU share"), ("--hop", "20", "at most 10"),
+                                 ("--top-k", "0", "positive"), ("--max-error-rate", "2", "fraction")):
+        proc = _run("jobs.tag", "--input", "x", "--output", "y", flag, value, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, (flag, proc.stderr[-500:])
+
+
+def test_bad_input_is_one_line_and_exit_7(checkpoints, tmp_path):
+    """A manifest without a uri column, and an input that lists nothing: one clear line, exit 7."""
+    manifest = tmp_path / "files.csv"
+    manifest.write_text("name,size\na.wav,1\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for source, message in ((manifest, "needs a 'uri' or 'path' column"), (empty, "lists no audio files")):
+        proc = _run("jobs.tag", "--input", str(source), "--output", str(tmp_path / "out"),
+                    "--ast-model", checkpoints["ast"], "--clap-model", checkpoints["clap"], timeout=300)
+        assert proc.returncode == 7, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr

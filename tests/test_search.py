@@ -185,7 +185,7 @@ def test_model_mismatch_is_refused(tagged):
 
 def test_search_cli_json_and_table(tagged):
     _, out = tagged
-    run = lambda *a: subprocess.run([sys.executable, "-m", "jobs.search", "--index", str(out), *a], cwd=REPO,
+    run = lambda *a: subprocess.run([sys.executable, "-m", "jobs.search", "--output", str(out), *a], cwd=REPO,
                                     capture_output=True, text=True, timeout=300)
     proc = run("--text", "rain", "--k", "3", "--json", "--segments")
     assert proc.returncode == 0, proc.stderr

@@ -352,7 +352,7 @@ def _outward_address() -> str | None:
 def test_serve_binds_loopback_by_default(tagged, tmp_path):
     from jobs.serve import parse_args
 
-    assert parse_args(["--index", "x"]).host == "127.0.0.1"
+    assert parse_args(["--output", "x"]).host == "127.0.0.1" and parse_args(["--index", "x"]).output == "x"
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     _, out, _ = tagged
     with socket.socket() as s:
@@ -360,7 +360,7 @@ def test_serve_binds_loopback_by_default(tagged, tmp_path):
         port = s.getsockname()[1]
     log = tmp_path / "serve.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--index", str(out), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--output", str(out), "--port", str(port)],
                                 cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.tagging import sources
-from pipeline.tagging.sources import (AUDIO_EXTENSIONS, FILE_SCHEMA, ListingConfig, _extension, _row, clip_id_for,
-                                      iter_inputs, list_inputs, walk_files)
+from pipeline.tagging.sources import (AUDIO_EXTENSIONS, FILE_SCHEMA, InputError, ListingConfig, _extension, _row,
+                                      clip_id_for, iter_inputs, list_inputs, walk_files)
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_ids_are_stable_and_distinct():
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="input not found"):
+    with pytest.raises(InputError, match="input not found"):
         list_inputs(ListingConfig(str(tmp_path / "nope")))
 
 

@@ -34,7 +34,8 @@ from pipeline.tagging.featurize import Featurize, FeaturizeConfig, task_memory_b
 from pipeline.tagging.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
 from pipeline.tagging.keyset import KeySet, split_digests
 from pipeline.tagging.skip import DoneSet
-from pipeline.tagging.sources import FILE_SCHEMA, ListingConfig, iter_inputs
+from pipeline.tagging.sources import FILE_SCHEMA, InputError, ListingConfig, iter_inputs
+from pipeline.tagging.progress import Progress
 from pipeline.tagging.summary import RunSummary
 from pipeline.tagging.tagger import AstTagger, TaggerConfig
 from pipeline.tagging.windows import WindowConfig
@@ -262,8 +263,9 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
         skip = SkipCheck.build(cfg.output, settings.hash if not replace else None)
         seq, shards = delta.shard_seq(clips), 0
         held = {"segments": [], "clips": []}   # a replacement's parts, committed together at the end
+        progress = Progress(summary)
         for files in _shards(iter_inputs(ListingConfig(cfg.input)), skip, cfg.shard_files, summary):
-            written = _tag(files, cfg, stages, plan, metadata, summary)
+            written = _tag(files, cfg, stages, plan, metadata, summary, progress)
             faults.point("parts-written")
             shards += 1
             if replace:
@@ -273,6 +275,11 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
             seq += 1
             delta.commit_shard(cfg.output, seq, cfg.run_id, settings, written, table_schemas(cfg),
                                skip.replaced(files.column("clip_id")), fault=faults.point)
+            progress.tick(force=True)
+        progress.listing_done = True
+        if not summary.files_seen:
+            raise InputError(f"input {cfg.input} lists no audio files: nothing to tag (check the path, the "
+                             "extensions, or the manifest)")
         if replace:
             lease.check()
             delta.commit_shard(cfg.output, seq + 1, cfg.run_id, settings, held, table_schemas(cfg),
@@ -307,7 +314,7 @@ def _shards(chunks, skip: "SkipCheck", shard_files: int, summary: RunSummary):
 
 
 def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: dict,
-         summary: RunSummary) -> dict[str, list[str]]:
+         summary: RunSummary, progress: Progress) -> dict[str, list[str]]:
     """Run the dataset over `files`; returns the part files written, by table.
 
     The workers aggregate and write the windows of every file that is whole in a batch (pipeline/tagging/sink.py);
@@ -323,10 +330,12 @@ def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: Resource
              "reserving %.2f GB each", short.memory / 1e9, short.max_s, long.memory / 1e9)
     batch_size = cfg.batch_size or plan.batch_size
     todo = files
+    progress.started()
     for lane in (short, long):
         dataset = build_dataset(todo, stages, plan, batch_size, lane, sink, min(cfg.rows_per_file, 8 * batch_size))
         for batch in _stream(dataset, cfg.stall_timeout_s, plan):
             collector.add(batch)
+            progress.tick()
             if time.monotonic() - last_flush > cfg.flush_every_s:
                 collector.flush()
                 last_flush = time.monotonic()

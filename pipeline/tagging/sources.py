@@ -50,6 +50,10 @@ class ListingConfig:
     extensions: frozenset[str] = AUDIO_EXTENSIONS
 
 
+class InputError(ValueError):
+    """The input cannot be listed as files to tag: not found, a malformed manifest, or nothing listed."""
+
+
 def clip_id_for(uri: str) -> str:
     """Stable 80-bit id of a file: a hash of its URI, so reruns and changed files keep their id."""
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:20]
@@ -84,7 +88,7 @@ def iter_inputs(config: ListingConfig, chunk_rows: int = 100_000) -> Iterator[pa
     elif fs.exists(path):
         entries = iter([(path, fs.info(path))])
     else:
-        raise FileNotFoundError(f"input not found: {config.input}")
+        raise InputError(f"input not found: {config.input}")
     listed = 0
     for rows in _batched((_row(fs, p, info) for p, info in entries), chunk_rows):
         listed += len(rows)
@@ -311,7 +315,14 @@ def _hex_ids(digests: np.ndarray) -> pa.Array:
 
 def _manifest_chunks(manifest: str, chunk_rows: int) -> Iterator[pa.Table]:
     """The manifest's rows in tables of at most `chunk_rows`, with a `uri` column (a `path` column is
-    renamed), read as they are needed."""
+    renamed), read as they are needed. InputError for a manifest that cannot be read as one."""
+    try:
+        yield from _manifest_tables(manifest, chunk_rows)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        raise InputError(f"manifest {manifest} cannot be read: {e}") from e
+
+
+def _manifest_tables(manifest: str, chunk_rows: int) -> Iterator[pa.Table]:
     ext = _extension(manifest)
     with fsspec.open(manifest, "rb") as f:
         if ext == "parquet":
@@ -328,7 +339,7 @@ def _manifest_chunks(manifest: str, chunk_rows: int) -> Iterator[pa.Table]:
         else:
             names, batches = ["uri"], _text_lines(f, chunk_rows)
         if "uri" not in names and "path" not in names:
-            raise ValueError(f"manifest {manifest} needs a 'uri' or 'path' column, has {names}")
+            raise InputError(f"manifest {manifest} needs a 'uri' or 'path' column, has {names}")
         for table in _rebatched(batches, chunk_rows):
             if "uri" not in table.column_names:
                 table = table.rename_columns(["uri" if c == "path" else c for c in table.column_names])
