@@ -31,9 +31,12 @@ def test_help_explains_every_option():
 def test_demo_job_runs_on_local_defaults(tmp_path):
     proc = _run("jobs.demo", "--root", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"run_id"')))
     assert summary["files_seen"] == 9 and summary["ok"] == 6 and summary["error"] == 3
     assert "UNTRAINED" in proc.stderr
+    shown = proc.stdout.split('Search "a dog barking"', 1)[1]   # it ends by showing what it built
+    assert len([line for line in shown.splitlines() if "window" in line]) == 3
+    assert "jobs.serve --output" in shown and "jobs.tag --input /your/audio" in shown
     clips = pd.read_parquet(tmp_path / "output" / "clips")
     assert len(clips) == 9 and set(clips.status) == {"ok", "error"}
 

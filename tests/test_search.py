@@ -162,7 +162,7 @@ def test_index_update_covers_new_runs_and_stale_index_falls_back(tagged, checkpo
         stale = Searcher(str(out))
         assert stale.stale and stale.exact
         info = build_index(str(out))
-        assert info["versions"] == {"clips": 1, "segments": 1} and info["shard"] == 2
+        assert info["versions"] == {"clips": 1, "segments": 2} and info["shard"] == 2  # segments: + cleanup
         fresh = Searcher(str(out))
         assert not fresh.stale
         clips = fresh.tables["clips"]

@@ -3,6 +3,7 @@ inputs, manifests, checkpoints and outputs in the bucket; retries; a file that n
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -69,7 +70,9 @@ def test_job_reads_and_writes_s3_with_retries(s3):
     for name in good:  # every good file was refused at first and read on a retry
         assert proxy.failed[f"/{BUCKET}/audio/run1/{name}"] >= 1
     assert clips.loc[f"s3://{BUCKET}/audio/run1/empty.wav"].error.startswith("empty file")
-    assert fs.exists(f"{BUCKET}/out/_commits/s3-a.json") and fs.exists(f"{BUCKET}/out/_runs/s3-a.json")
+    assert fs.exists(f"{BUCKET}/out/clips/_delta_log") and fs.exists(f"{BUCKET}/out/_runs/s3-a.json")
+    (lease,) = fs.glob(f"{BUCKET}/out/_lease/*.json")   # created with a conditional put, released at the end
+    assert json.loads(fs.cat(lease))["run_id"] == "s3-a" and json.loads(fs.cat(lease))["released"]
     assert not fs.glob(f"{BUCKET}/out/clips/s3-a/_tmp*")
 
     # A storage error is transient: the rerun tries cursed.wav again (and it fails again); the rest
