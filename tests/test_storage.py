@@ -211,3 +211,48 @@ def test_featurize_reads_object_storage_ahead_with_the_rows_of_reading_in_turn(s
         assert file["uri"] == files[i]["uri"] and (isinstance(data, bytes) or data.reason == "file not found")
         later_bytes.append(sum(files[j]["size_bytes"] for j in set(started) if j > i))
     assert max(later_bytes) <= budget and max(later_bytes) > 0  # read ahead, within the budget
+
+
+def test_http_reads_retry_server_errors_but_never_a_refusal():
+    """Over HTTP (whose client does not retry) our loop retries a 503 with backoff; a 403 is a permission
+    row at once. botocore's own policy retries S3 (test above); credential errors are never retried."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    from pipeline.tagging.decode import DecodeError
+    from pipeline.tagging.storage import RetryConfig, _final, read_bytes
+
+    hits: dict[str, int] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            hits[self.path] = hits.get(self.path, 0) + 1
+            self.send_response(int(self.path.strip("/")))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        retry = RetryConfig(attempts=3, backoff_s=0.01)
+        with pytest.raises(DecodeError, match="storage error reading file") as failed:
+            read_bytes(f"{base}/503", retry)
+        assert "after 3 attempts" in str(failed.value)
+        with pytest.raises(DecodeError, match="permission denied reading file"):
+            read_bytes(f"{base}/403", retry)
+        with pytest.raises(DecodeError, match="file not found"):
+            read_bytes(f"{base}/404", retry)
+        assert hits["/503"] == 3 * hits["/403"] and hits["/404"] == hits["/403"]  # one attempt vs three
+    finally:
+        server.shutdown()
+    for denied in (NoCredentialsError(), ClientError({"Error": {"Code": "ExpiredToken"}}, "GetObject")):
+        assert _final(denied).reason == "permission denied reading file"
+    assert _final(ClientError({"Error": {"Code": "SlowDown"}}, "GetObject")) is None

@@ -1,9 +1,11 @@
-"""Reading input bytes through fsspec, with retries; storage failures become per-file reasons.
+"""Reading input bytes through fsspec; storage failures become per-file reasons.
 
-Transient failures (5xx, throttling, connection resets: whatever the filesystem raises that is not
-"not found", "permission denied" or "is a directory") are retried with exponential backoff; s3fs and
-botocore retry some of them underneath as well. A file that still cannot be read raises DecodeError
-naming the storage error, and becomes an error row; nothing else in the job is affected.
+Transient failures (5xx, throttling, connection resets) are retried once per layer, never stacked:
+object stores whose client retries them itself (botocore for S3, gcsfs, the Azure SDK) get one attempt
+here with the client's policy (`CLIENT_OPTIONS`); HTTP (aiohttp does not retry) gets our own loop with
+exponential backoff. Credential and permission failures are not retried anywhere. A file that still
+cannot be read raises DecodeError naming the storage error, and becomes an error row; nothing else in
+the job is affected.
 
 `ReadAhead` reads the next files of a featurize task in background threads while the current one is
 decoded and featurized, so object-storage latency (tens of ms per GET) overlaps that CPU work instead
@@ -33,33 +35,63 @@ class RetryConfig:
     max_backoff_s: float = 8.0
 
 
+# Clients that retry transient failures themselves, and how we configure them: botocore's standard mode
+# (5xx, throttling, resets; exponential backoff with jitter; 5 attempts); gcsfs and the Azure SDK retry
+# by default.
+_S3 = {"config_kwargs": {"retries": {"max_attempts": 5, "mode": "standard"}}}
+CLIENT_OPTIONS = {"s3": _S3, "s3a": _S3, "gs": {}, "gcs": {}, "az": {}, "abfs": {}, "abfss": {}}
+# What credential failures look like from clients that do not raise PermissionError for them.
+_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                "ExpiredToken", "InvalidToken", "RefreshError", "DefaultCredentialsError", "ClientAuthenticationError")
+
+
 def read_bytes(uri: str, retry: RetryConfig = RetryConfig()) -> bytes:
     """All bytes of `uri` (local path or any fsspec URL); DecodeError names the storage problem."""
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    client = CLIENT_OPTIONS.get(protocol)
+    attempts = 1 if client is not None else retry.attempts   # no retries stacked on the client's own
     last: BaseException | None = None
-    for attempt in range(1, retry.attempts + 1):
+    for attempt in range(1, attempts + 1):
         try:
             if plain_path(uri):  # fsspec's local file layer costs ~1 ms per 1.3 MB file over open()
                 with open(uri, "rb") as f:
                     return f.read()
             import fsspec  # here: the decoder child imports this module and reads local paths only
 
-            with fsspec.open(uri, "rb") as f:
+            with fsspec.open(uri, "rb", **(client or {})) as f:
                 return f.read()
-        except FileNotFoundError as e:
-            raise DecodeError("file not found", f"removed after listing? {e}") from e
-        except PermissionError as e:
-            raise DecodeError("permission denied reading file", str(e)) from e
-        except IsADirectoryError as e:
-            raise DecodeError("path is a directory, not a file", str(e)) from e
-        except Exception as e:  # any other failure of the storage layer is worth another attempt
+        except Exception as e:  # a failure of the storage layer: final, or worth another attempt
+            final = _final(e)
+            if final is not None:
+                raise final from e
             last = e
-            if attempt < retry.attempts:
+            if attempt < attempts:
                 delay = min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1))
                 log.warning("read %s failed (%s: %s); retry %d/%d in %.1f s", uri, type(e).__name__, e,
-                            attempt, retry.attempts - 1, delay)
+                            attempt, attempts - 1, delay)
                 time.sleep(delay)
-    raise DecodeError("storage error reading file",
-                      f"{type(last).__name__}: {last} (after {retry.attempts} attempts)") from last
+    tries = f"after {attempts} attempts" if client is None else "after the storage client's retries"
+    raise DecodeError("storage error reading file", f"{type(last).__name__}: {last} ({tries})") from last
+
+
+def _final(e: BaseException) -> DecodeError | None:
+    """The row's reason for a failure no retry can fix (not found, denied, a directory), else None.
+    fsspec's HTTP layer raises FileNotFoundError for every error status: the status underneath decides."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    status = next((c.status for c in chain if isinstance(getattr(c, "status", None), int)), None)
+    top = chain[0]
+    if status in (401, 403) or isinstance(top, PermissionError) or any(
+            type(c).__name__ in _CREDENTIALS or any(code in str(c) for code in _CREDENTIALS) for c in chain):
+        return DecodeError("permission denied reading file", f"{type(top).__name__}: {top}")
+    if isinstance(top, IsADirectoryError):
+        return DecodeError("path is a directory, not a file", str(top))
+    if isinstance(top, FileNotFoundError) and status in (None, 404, 410):
+        return DecodeError("file not found", f"removed after listing? {top}")
+    return None
 
 
 def plain_path(uri: str) -> bool:
