@@ -52,29 +52,37 @@ def plain_tables(out: Path) -> tuple[pd.DataFrame, pd.DataFrame] | None:
 
 
 def assert_consistent(out: Path, uris: set[str] | None = None) -> pd.DataFrame | None:
-    """What a plain reader sees is whole: each file at most once (exactly the `uris` if given), every
-    clip row with all its windows once (windows join clip rows on clip_id and run_id), and one settings
-    over every current data file. Returns the clips table."""
+    """What a plain reader sees is whole: each file at most once (exactly the `uris` if given, and then no
+    window outside a clip row either), every clip row with all its windows once (windows join clip rows on
+    clip_id and run_id), and one settings over the clip rows and their windows. Returns the clips table."""
     tables = plain_tables(out)
     if tables is None:
         assert uris is None, "nothing committed"
         return None
     clips, segments = tables
     assert clips.clip_id.is_unique and clips.uri.is_unique, clips.uri.value_counts().head()
-    if uris is not None:
-        assert set(clips.uri) == uris
     assert not segments.duplicated(["clip_id", "run_id", "segment_index"]).any()
     windows = segments.groupby(["clip_id", "run_id"]).segment_index.apply(sorted)
     for clip in clips.itertuples():
         expected = list(range(clip.num_segments)) if clip.status == "ok" else None
         assert windows.get((clip.clip_id, clip.run_id)) == expected, (clip.uri, clip.run_id, clip.status)
-    hashes = set()
-    for table in ("clips", "segments"):
-        for uri in DeltaTable(str(out / table)).file_uris():
-            meta = pq.read_schema(uri.removeprefix("file://")).metadata
-            hashes.add(json.loads(meta[METADATA_KEY])["settings_hash"])
-    assert len(hashes) <= 1, f"current data files of several settings: {hashes}"
+    joined = segments.merge(clips[["clip_id", "run_id"]], on=["clip_id", "run_id"])
+    if uris is not None:
+        assert set(clips.uri) == uris
+        assert len(joined) == len(segments), "windows of no clip row left behind after a clean run"
+    hashes = {_settings(out, "clips", uri) for uri in DeltaTable(str(out / "clips")).file_uris()}
+    live = set(zip(joined.clip_id, joined.run_id))
+    for uri in DeltaTable(str(out / "segments")).file_uris():
+        ids = pq.read_table(uri.removeprefix("file://"), columns=["clip_id", "run_id"])
+        if set(zip(ids.column("clip_id").to_pylist(), ids.column("run_id").to_pylist())) & live:
+            hashes.add(_settings(out, "segments", uri))
+    assert len(hashes) <= 1, f"clip rows or their windows of several settings: {hashes}"
     return clips
+
+
+def _settings(out: Path, table: str, uri: str) -> str:
+    meta = pq.read_schema(uri.removeprefix("file://")).metadata
+    return json.loads(meta[METADATA_KEY])["settings_hash"]
 
 
 def assert_same_results(out: Path, reference: Path) -> None:
