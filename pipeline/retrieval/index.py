@@ -431,7 +431,7 @@ def _current_batches(output: str, table: str, settings_hash: str, columns: list[
                      batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
     """The current rows of `table` with `settings_hash`, only `columns`, in batches: streamed from the
     Delta table when it holds these settings (the driver holds one batch at a time); results of other
-    settings (run manifests) are read whole."""
+    settings (Delta time travel) are read whole."""
     dt = delta.open_table(output, "clips")
     if dt is not None and delta.table_settings(dt) == settings_hash:
         yield from delta.iter_batches(output, table, columns, batch_rows)
