@@ -24,15 +24,16 @@ def main(argv=None) -> int:
                    help="data files with fewer rows are merged")
     p.add_argument("--target-rows", type=int, default=MaintainConfig.target_rows, help="rows per merged file")
     p.add_argument("--retention-hours", type=float, default=MaintainConfig.retention_hours,
-                   help="vacuum keeps what versions of the last this many hours need (time travel, earlier settings)")
+                   help="vacuum keeps what versions of the last this many hours need (time travel, earlier "
+                        "settings); whole hours, rounded up")
     p.add_argument("--no-vacuum", action="store_true", help="compact and checkpoint only")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = MaintainConfig(args.output, args.small_rows, args.target_rows, args.retention_hours, not args.no_vacuum)
     try:
-        with Lease(args.output, "maintenance", purpose="maintain"):
-            report = maintain(cfg)
+        with Lease(args.output, "maintenance", purpose="maintain") as lease:
+            report = maintain(cfg, check=lease.check)
     except Exception as e:
         status = status_of(e)
         if status is None:

@@ -40,6 +40,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.store.writer import write_part
+from schemas import fixed_width
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,14 @@ def table_settings(dt) -> str | None:
 
 
 def newest_commit_info(dt, key: str = SETTINGS_KEY, limit: int = 64) -> dict | None:
-    """The newest commitInfo holding `key` (history is read newest first, a few entries at a time)."""
-    for entry in dt.history(limit):
-        if key in entry:
-            return entry
+    """The newest commitInfo holding `key`: among the newest `limit` commits (every commit of ours carries
+    the settings, so the newest one has them), else the whole history (another tool's commits)."""
+    for entries in (dt.history(limit), dt.history()):
+        for entry in entries:
+            if key in entry:
+                return entry
+        if len(entries) < limit:
+            break
     return None
 
 
@@ -133,22 +138,24 @@ def data_files(output: str, table: str, dt=None) -> list[str]:
 
 
 def read_table(output: str, table: str, columns: list[str] | None = None, dt=None) -> pa.Table | None:
-    """The current rows of a table (only `columns` if given), in the data files' own schema."""
+    """The current rows of a table (only `columns` if given), vector columns as fixed-size lists."""
     paths = data_files(output, table, dt)
     if not paths:
         return None
     fs, _ = fsspec.core.url_to_fs(output)
     dataset = pads.dataset(paths, format="parquet", filesystem=fs)
-    return dataset.to_table(columns=columns).replace_schema_metadata(None)
+    return fixed_width(dataset.to_table(columns=columns).replace_schema_metadata(None))
 
 
 def iter_batches(output: str, table: str, columns: list[str], batch_rows: int = 262_144, dt=None):
-    """The current rows' `columns` in record batches (streamed: the driver holds one at a time)."""
+    """The current rows' `columns` in record batches (streamed: the driver holds one at a time), vector
+    columns as fixed-size lists."""
     paths = data_files(output, table, dt)
     if paths:
         fs, _ = fsspec.core.url_to_fs(output)
-        yield from pads.dataset(paths, format="parquet", filesystem=fs).to_batches(columns=columns,
-                                                                                   batch_size=batch_rows)
+        for batch in pads.dataset(paths, format="parquet", filesystem=fs).to_batches(columns=columns,
+                                                                                      batch_size=batch_rows):
+            yield fixed_width(batch)
 
 
 @dataclass(frozen=True)
@@ -204,9 +211,11 @@ def commit_shard(output: str, seq: int, run_id: str, settings: Settings, parts: 
     info = settings.commit_info(run_id, seq)
     if shard_seq(open_table(output, "segments")) < seq:
         record = {"clips": plans["clips"], "cleanup": plans["cleanup"]}
-        _apply(output, "segments", plans["segments"], APP_ID, seq, {**info, PLAN_KEY: json.dumps(record)})
+        # a shard that replaces nothing has no step 3: recorded as done now, so its plan is never needed again
+        apps = (APP_ID,) if _replaces(plans["cleanup"]) else (APP_ID, CLEANUP_ID)
+        _apply(output, "segments", plans["segments"], apps, seq, {**info, PLAN_KEY: json.dumps(record)})
     fault("segments-added")
-    _apply(output, "clips", plans["clips"], APP_ID, seq, info)
+    _apply(output, "clips", plans["clips"], (APP_ID,), seq, info)
     fault("clips-committed")
     _cleanup(output, plans["cleanup"], seq, info)
     fault("segments-cleaned")
@@ -228,13 +237,11 @@ def recover(output: str) -> int | None:
     if entry is None or int(entry[SEQ_KEY]) != ahead:
         raise LedgerError(f"{output}: segments shard {ahead} recorded no plan to finish")
     record = json.loads(entry[PLAN_KEY])
-    if ahead == behind and not (record["cleanup"]["actions"] or record["cleanup"]["keep_only"]):
-        return None    # the shard replaced nothing: no step 3
     info = {k: v for k, v in entry.items() if k.startswith(PREFIX) and k != PLAN_KEY}
     log.warning("shard %d of run %s was left half-committed (the run was stopped between its commits): "
                 "finishing it", ahead, entry.get(RUN_KEY))
     if ahead > behind:
-        _apply(output, "clips", record["clips"], APP_ID, ahead, info)
+        _apply(output, "clips", record["clips"], (APP_ID,), ahead, info)
     _cleanup(output, record["cleanup"], ahead, info)
     return ahead
 
@@ -250,15 +257,20 @@ def _cleanup(output: str, cleanup: dict, seq: int, info: dict[str, str]) -> None
     if actions:
         dt = open_table(output, "segments")
         plan = {"mode": "append", "actions": actions, "schema": dt.schema().to_json()}
-        _apply(output, "segments", plan, CLEANUP_ID, seq, info)
+        _apply(output, "segments", plan, (CLEANUP_ID,), seq, info)
 
 
-def _apply(output: str, table: str, plan: dict, app_id: str, seq: int, info: dict[str, str]) -> None:
-    """One Delta commit of `plan` (mode, actions as dicts, schema) under the app transaction (app_id, seq)."""
+def _replaces(cleanup: dict) -> bool:
+    """Whether a shard's step 3 has anything to remove."""
+    return bool(cleanup["actions"] or cleanup["keep_only"])
+
+
+def _apply(output: str, table: str, plan: dict, apps: tuple[str, ...], seq: int, info: dict[str, str]) -> None:
+    """One Delta commit of `plan` (mode, actions as dicts, schema) under the app transactions (app, seq)."""
     from deltalake import CommitProperties, Schema as DeltaSchema, Transaction
     from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 
-    props = CommitProperties(custom_metadata=info, app_transactions=[Transaction(app_id, seq)])
+    props = CommitProperties(custom_metadata=info, app_transactions=[Transaction(app, seq) for app in apps])
     actions = [AddAction(a["path"], a["size"], {}, a["mtime"], True, a["stats"]) if "stats" in a else
                RemoveAction(path=a["path"], data_change=True, deletion_timestamp=a["deleted"], size=a["size"],
                             partition_values={}) for a in plan["actions"]]
