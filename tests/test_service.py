@@ -1,6 +1,7 @@
 """Search service over real job output (tiny checkpoints): the HTTP API through a real uvicorn server on
 loopback, byte ranges against the original files, input bounds, path traversal, OpenAPI, metrics, the
-entry point's loopback default, and the web page in a real headless Chromium."""
+entry point's loopback default, the Runs view (run summaries, commit history, label counts), and both web
+pages in a real headless Chromium."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import requests
 import uvicorn
 
+from pipeline.store.delta import open_table, read_table, table_settings, table_settings_values
 from pipeline.store.ledger import read_current
 from pipeline.retrieval.index import build_index
 from pipeline.tagging.job import TagJobConfig, run_tag_job
@@ -395,6 +399,149 @@ def test_unexpected_errors_are_a_json_500_without_internals(tagged):
         running.stop()
 
 
+# --- Runs view: API -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def more_runs(tagged, checkpoints, local_ray, tmp_path_factory):
+    """A copy of the tagged output (run svc) with two more runs over a manifest of its files plus a new
+    broken one: svc-2 commits that file's error row and fails (--max-error-rate 0), svc-3 finds nothing new."""
+    _, out, _ = tagged
+    root = tmp_path_factory.mktemp("svc-runs")
+    copy = root / "out"
+    shutil.copytree(out, copy)
+    (root / "garbled.wav").write_bytes(b"still not audio\n" * 20)
+    manifest = root / "inputs.txt"
+    manifest.write_text("\n".join(read_current(str(out)).column("uri").to_pylist() + [str(root / "garbled.wav")]))
+    job = dict(input=str(manifest), output=str(copy), ast_model=checkpoints["ast"], clap_model=checkpoints["clap"])
+    run_tag_job(TagJobConfig(**job, run_id="svc-2", max_error_rate=0.0))
+    run_tag_job(TagJobConfig(**job, run_id="svc-3"))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def runs_server(more_runs):
+    running = _Server(create_app(str(more_runs), preload=False))
+    yield running
+    running.stop()
+
+
+def _commits(output: Path) -> dict[str, dict]:
+    """{run_id: {"versions", "shards"}} read straight from the clips table's Delta history."""
+    found = {}
+    for entry in sorted(open_table(str(output), "clips").history(), key=lambda e: e["version"]):
+        run = found.setdefault(entry["audio_tagging.run_id"], {"versions": [], "shards": []})
+        run["versions"].append(entry["version"])
+        run["shards"].append(int(entry["audio_tagging.shard_seq"]))
+    return found
+
+
+SUMMARY_KEYS = ("wall_s", "files_seen", "skipped_unchanged", "processed", "ok", "error", "errors_by_reason",
+                "warnings_by_reason", "segments", "clips_per_s", "audio_hours", "succeeded", "failure")
+
+
+def test_runs_api_lists_every_run_newest_first(runs_server, more_runs, server):
+    body = get(runs_server, "/api/runs").json()
+    assert [r["run_id"] for r in body["runs"]] == ["svc-3", "svc-2", "svc"]
+    runs = {r["run_id"]: r for r in body["runs"]}
+    for run_id, run in runs.items():
+        path = more_runs / "_runs" / f"{run_id}.json"
+        summary = json.loads(path.read_text())
+        assert {k: run[k] for k in SUMMARY_KEYS} == {k: summary[k] for k in SUMMARY_KEYS} and run["summary"]
+        finished, started = datetime.fromisoformat(run["finished"]), datetime.fromisoformat(run["started"])
+        assert finished.utcoffset() == timedelta(0)
+        assert finished.timestamp() == pytest.approx(path.stat().st_mtime, abs=1)
+        assert (finished - started).total_seconds() == pytest.approx(run["wall_s"], abs=1e-3)
+    commits = _commits(more_runs)
+    assert set(commits) == {"svc", "svc-2"}
+    assert {k: {"versions": r["versions"], "shards": r["shards"]} for k, r in runs.items() if r["committed"]} == commits
+    dt = open_table(str(more_runs), "clips")
+    assert runs["svc"]["settings_hash"] == runs["svc-2"]["settings_hash"] == table_settings(dt)
+    assert body["settings"] == {table_settings(dt): table_settings_values(dt)}
+    first = runs["svc"]
+    assert (first["processed"], first["ok"], first["error"], first["succeeded"]) == (5, 4, 1, True)
+    failed = runs["svc-2"]
+    assert (failed["skipped_unchanged"], failed["processed"], failed["error"], failed["succeeded"]) == (5, 1, 1, False)
+    assert failed["errors_by_reason"] == {"not a decodable audio file": 1} and "max-error-rate" in failed["failure"]
+    idle = runs["svc-3"]   # nothing new: a summary, no commit
+    assert (idle["committed"], idle["versions"], idle["settings_hash"]) == (False, [], None)
+    assert (idle["files_seen"], idle["skipped_unchanged"], idle["processed"]) == (6, 6, 0)
+    assert [r["run_id"] for r in get(server, "/api/runs").json()["runs"]] == ["svc"]
+    assert {"/api/runs", "/api/labels"} <= set(get(runs_server, "/openapi.json").json()["paths"])
+
+
+def test_labels_api_counts_each_label_over_the_current_table(runs_server, more_runs):
+    rows = read_current(str(more_runs), columns=["labels"]).column("labels").to_pylist()
+    expected = Counter(label["label"] for labels in rows for label in labels or [])
+    body = get(runs_server, "/api/labels").json()
+    most_first = sorted(expected.items(), key=lambda lc: (-lc[1], lc[0]))
+    assert [(c["label"], c["clips"]) for c in body["labels"]] == most_first
+    assert len(body["labels"]) > 1 and max(expected.values()) <= 4
+    assert (body["version"], body["clips"], body["labelled"]) == (open_table(str(more_runs), "clips").version(), 6, 4)
+
+
+def test_runs_reader_edge_cases(more_runs, tmp_path):
+    """The cap, a run that committed but saved no summary, files that are not summaries, a commit not made
+    by the job, and the label counts re-read only when the table's version changes."""
+    from deltalake import DeltaTable
+
+    from pipeline.service.runs import LabelCounts, Runs
+    from pipeline.service.service_models import RunsOut
+
+    out = tmp_path / "out"
+    shutil.copytree(more_runs, out)
+    assert [r["run_id"] for r in Runs(str(out), limit=2)()["runs"]] == ["svc-3", "svc-2"]
+    (out / "_runs" / "svc.json").unlink()      # as if svc had been stopped after its commit
+    (out / "_runs" / "_tmp-svc-4.json").write_text("{")   # a summary being written
+    (out / "_runs" / "notes.json").write_text("[1, 2]")   # not a summary
+    runs = RunsOut.model_validate(Runs(str(out))()).model_dump()["runs"]   # as the route answers
+    assert [r["run_id"] for r in runs] == ["svc-3", "svc-2", "svc"]
+    stopped = runs[2]
+    assert (stopped["summary"], stopped["committed"], stopped["ok"], stopped["finished"]) == (False, True, None, None)
+    assert stopped["versions"] == _commits(more_runs)["svc"]["versions"] and stopped["last_commit"]
+
+    counts = LabelCounts(str(out))
+    before = counts()
+    assert counts() is before   # same version: not read again
+    DeltaTable(str(out / "clips")).delete("uri LIKE '%long_walk.wav'")   # a commit without our run id
+    after = counts()
+    assert (after["version"], after["clips"], after["labelled"]) == (before["version"] + 1, 5, 3)
+    # read_table, not read_current: delta-rs's rewritten file holds string views, which read_current cannot sort
+    rows = read_table(str(out), "clips", ["labels"]).column("labels").to_pylist()
+    assert {c["label"]: c["clips"] for c in after["labels"]} == Counter(x["label"] for r in rows for x in r or [])
+    assert [r["run_id"] for r in Runs(str(out))()["runs"]] == ["svc-3", "svc-2", "svc"]
+    assert Runs(str(tmp_path / "none"))() == {"runs": [], "settings": {}}
+    assert LabelCounts(str(tmp_path / "none"))()["labels"] == []
+
+
+
+def test_runs_reader_over_object_storage(more_runs, monkeypatch, tmp_path):
+    """The same output in the S3 test server: the same runs and label counts; a summary saved after the
+    first request shows in the next one (listings are not served from s3fs's cache)."""
+    import fsspec
+    import s3fs
+
+    from pipeline.service.runs import LabelCounts, Runs
+    from tests.s3 import MotoS3
+
+    local = Runs(str(more_runs))()
+    with MotoS3() as moto:
+        moto.use(monkeypatch, tmp_path / "cache")
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("tagged")
+        fs.put(str(more_runs), "tagged/out", recursive=True)
+        runs = Runs("s3://tagged/out")
+        remote = runs()
+        # The objects' times are their upload's (so is the order), not the local files'.
+        same = lambda body: {r["run_id"]: {k: v for k, v in r.items() if k not in ("started", "finished")}
+                             for r in body["runs"]}
+        assert same(remote) == same(local)
+        assert remote["settings"] == local["settings"] and all(r["finished"] for r in remote["runs"])
+        assert LabelCounts("s3://tagged/out")() == LabelCounts(str(more_runs))()
+        summary = {**json.loads((more_runs / "_runs" / "svc-3.json").read_text()), "run_id": "svc-4"}
+        other = s3fs.S3FileSystem(skip_instance_cache=True)   # another machine's job: not this cache's writer
+        other.pipe("tagged/out/_runs/svc-4.json", json.dumps(summary).encode())
+        assert {r["run_id"] for r in runs()["runs"]} == {"svc-4", "svc-3", "svc-2", "svc"}
+
 # --- web page in a real browser ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -485,3 +632,42 @@ def test_page_more_like_this(browser, server, tagged):
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "status").text.startswith("More like"))
     like = browser.find_elements(By.CSS_SELECTOR, "#results li.result")
     assert like and target not in {r.get_attribute("data-clip-id") for r in like}
+
+
+def test_runs_page_shows_every_run_and_the_label_chart(browser, runs_server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(runs_server.url + "/")
+    WebDriverWait(browser, 60).until(lambda d: "clips" in d.find_element(By.ID, "info").text)
+    browser.find_element(By.ID, "runs-link").click()
+    WebDriverWait(browser, 60).until(lambda d: "newest first" in d.find_element(By.ID, "info").text)
+    assert browser.current_url == runs_server.url + "/runs"
+    api = get(runs_server, "/api/runs").json()["runs"]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
+    assert [r.get_attribute("data-run-id") for r in rows] == [r["run_id"] for r in api] == ["svc-3", "svc-2", "svc"]
+    for row, run in zip(rows, api):
+        text = {c: row.find_element(By.CSS_SELECTOR, f"td.{c}").text for c in
+                ("run-id", "files", "processed", "ok", "errors", "rate", "settings", "commits", "result", "when")}
+        assert (text["run-id"], text["files"], text["processed"], text["ok"]) == (
+            run["run_id"], str(run["files_seen"]), str(run["processed"]), str(run["ok"]))
+        assert text["errors"].split("\n")[0] == str(run["error"])
+        assert all(f"{reason}: {n}" in text["errors"] for reason, n in run["errors_by_reason"].items())
+        assert text["rate"] == f"{run['clips_per_s']:.2f}"
+        assert text["settings"] == (run["settings_hash"] or "–")[:8]
+        assert (text["commits"] == "nothing committed") == (not run["committed"])
+        assert text["when"] == run["finished"][:19].replace("T", " ")
+        failed = "failed" in row.get_attribute("class").split()
+        assert failed == (run["succeeded"] is False) and ("failed" in text["result"]) == failed
+        if failed:
+            assert run["failure"] in text["result"]
+    assert [r.get_attribute("data-failed") for r in rows] == ["false", "true", "false"]
+
+    labels = get(runs_server, "/api/labels").json()["labels"]
+    bars = browser.find_elements(By.CSS_SELECTOR, "#chart .bar-row")
+    assert [(b.get_attribute("data-label"), int(b.get_attribute("data-clips"))) for b in bars] == \
+        [(c["label"], c["clips"]) for c in labels] and len(labels) > 1
+    widths = [b.size["width"] for b in browser.find_elements(By.CSS_SELECTOR, "#chart .bar")]
+    assert len(widths) == len(labels) and widths[0] > 0
+    for width, count in zip(widths, labels):
+        assert width == pytest.approx(widths[0] * count["clips"] / labels[0]["clips"], abs=2)

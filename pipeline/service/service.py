@@ -3,7 +3,8 @@
     GET  /api/search?q=...      text search          POST /api/search/audio   search by an uploaded file
     GET  /api/like/{clip_id}    more like this       GET  /api/clips/{clip_id} tags, windows, metadata
     GET  /api/audio/{clip_id}   the original file (byte ranges)              GET  /api/info   model, labels
-    GET  /metrics               Prometheus text      GET  /                   the web page
+    GET  /api/runs              every run: counts, time, commits             GET  /api/labels label counts
+    GET  /metrics               Prometheus text      GET  /  and  /runs       the web pages (search, runs)
 
 Every input is bounded (query length, k, upload size and type, clip_id format); a bad request gets a
 4xx with `{"error": "..."}`, never a traceback. Audio is only ever read from the URI that the current
@@ -25,11 +26,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import __version__
 from pipeline.service.catalog import Catalog
+from pipeline.service.runs import LabelCounts, Runs
 from pipeline.tagging.decode import DecodeError
 from pipeline.service.media import AUDIO_TYPES, RangeNotSatisfiable, SourceFile, content_type, parse_range
 from pipeline.service.metrics import Metrics, MetricsMiddleware
 from pipeline.retrieval.search import Filters, Searcher, SearchError
-from pipeline.service.service_models import ClipOut, ErrorOut, InfoOut, SearchOut
+from pipeline.service.service_models import ClipOut, ErrorOut, InfoOut, LabelsOut, RunsOut, SearchOut
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ def create_app(output: str, searcher: Searcher | None = None, exact: bool = Fals
     if preload:
         searcher.embed_text(["warm-up"])
         searcher.warm()
+    runs, label_counts = Runs(output), LabelCounts(output)
     metrics = Metrics()
     max_body = max_upload_bytes + 64 * 1024  # the file plus multipart framing
     app = FastAPI(title="Audio search", version=__version__, description=__doc__)
@@ -117,6 +120,10 @@ def create_app(output: str, searcher: Searcher | None = None, exact: bool = Fals
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/runs", include_in_schema=False)
+    def runs_page() -> FileResponse:
+        return FileResponse(STATIC / "runs.html", media_type="text/html")
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
@@ -161,6 +168,16 @@ def create_app(output: str, searcher: Searcher | None = None, exact: bool = Fals
               range_: Annotated[str | None, Header(alias="Range")] = None) -> Response:
         """The clip's original file, read from its storage; only clips with status ok (the indexed ones)."""
         return _audio_response(engine.catalog, clip_id, range_, head=request.method == "HEAD")
+
+    @app.get("/api/runs", response_model=RunsOut)
+    def list_runs() -> dict:
+        """Every run, newest first (at most 500): its summary's counts and its commits to the clips table."""
+        return runs()
+
+    @app.get("/api/labels", response_model=LabelsOut)
+    def label_distribution() -> dict:
+        """Clips per AST label (among each clip's top-k labels) in the current clips table, most first."""
+        return label_counts()
 
     app.add_api_route("/api/audio/{clip_id}", audio, methods=["HEAD"], include_in_schema=False)
     log.info("search service over %s: %s clips indexed, model %s", output, searcher.info["live"].get("clips"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pydantic import BaseModel
 
 
@@ -65,3 +67,48 @@ class InfoOut(BaseModel):
     versions: dict[str, int] | None   # Delta versions of clips and segments the index covers
     stale_index: bool
     limits: dict[str, int]
+
+
+class RunOut(BaseModel):
+    """One tagging run: its summary (OUTPUT/_runs/RUN_ID.json; counts are null without one) and what it
+    committed to the clips table (its Delta history). Times are UTC."""
+
+    run_id: str
+    summary: bool                  # a summary was saved (false: stopped after committing)
+    started: datetime | None       # the summary's time less wall_s
+    finished: datetime | None      # when the summary was saved
+    wall_s: float | None
+    files_seen: int | None
+    skipped_unchanged: int | None  # listed files already done with these settings
+    processed: int | None
+    ok: int | None
+    error: int | None
+    errors_by_reason: dict[str, int] | None
+    warnings_by_reason: dict[str, int] | None
+    segments: int | None           # 10 s windows written
+    clips_per_s: float | None
+    audio_hours: float | None
+    succeeded: bool | None
+    failure: str | None            # why the run failed (exit status 1)
+    committed: bool                # false: nothing new, or stopped before its first commit
+    settings_hash: str | None      # the settings its commits carry
+    versions: list[int]            # Delta versions of the clips table it committed
+    shards: list[int]              # shard sequence numbers it committed
+    last_commit: datetime | None
+
+
+class RunsOut(BaseModel):
+    runs: list[RunOut]              # newest first, at most 500
+    settings: dict[str, dict]       # settings hash -> the settings (models, features, precision...)
+
+
+class LabelCountOut(BaseModel):
+    label: str
+    clips: int                      # clips with this label among their top-k labels
+
+
+class LabelsOut(BaseModel):
+    version: int | None             # Delta version of the clips table counted (null: no table yet)
+    clips: int                      # rows of the current table
+    labelled: int                   # rows with labels (status ok)
+    labels: list[LabelCountOut]     # most clips first

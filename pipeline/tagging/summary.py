@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import time
@@ -78,7 +79,9 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         return {
-            "run_id": self.run_id, "files_seen": self.files_seen, "skipped_unchanged": self.skipped_unchanged,
+            "run_id": self.run_id, "started": _iso(self.started),
+            "finished": _iso(self.started + self.wall_s) if self.wall_s else None,
+            "files_seen": self.files_seen, "skipped_unchanged": self.skipped_unchanged,
             "processed": self.files_seen - self.skipped_unchanged,
             "ok": self.ok, "error": self.error,
             "errors_by_reason": dict(sorted(self.errors_by_reason.items())),
@@ -114,3 +117,8 @@ class RunSummary:
             remove_quietly(fs, temp)
             raise
         return path
+
+
+def _iso(t: float) -> str:
+    """Epoch seconds as ISO 8601 UTC, to the second."""
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
