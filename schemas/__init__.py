@@ -2,10 +2,15 @@
 
 from schemas.tables import (
     SCHEMA_VERSION,
+    WIDTH_KEY,
     SchemaError,
     clips_schema,
+    fixed_width,
     segments_schema,
+    stored_schema,
     validate_table,
+    vector_widths,
 )
 
-__all__ = ["SCHEMA_VERSION", "SchemaError", "clips_schema", "segments_schema", "validate_table"]
+__all__ = ["SCHEMA_VERSION", "WIDTH_KEY", "SchemaError", "clips_schema", "fixed_width", "segments_schema",
+           "stored_schema", "validate_table", "vector_widths"]

@@ -102,13 +102,12 @@ def test_changing_a_setting_reprocesses_everything(job):
 
 
 def duckdb_current(out: Path) -> list[tuple]:
-    """The README's DuckDB query for the current clips table (kept in one place: README.md). DuckDB's
-    delta extension cannot be downloaded here, so `delta_scan('OUTPUT/clips')` reads the same Delta
-    table through the deltalake package's Arrow dataset (the files its log names)."""
-    text = (REPO / "README.md").read_text()
-    sql = text.split("```sql current-clips\n", 1)[1].split("```", 1)[0]
-    current_clips = DeltaTable(str(out / "clips")).to_pyarrow_dataset()  # noqa: F841 (DuckDB reads it by name)
-    return duckdb.sql(sql.replace("delta_scan('OUTPUT/clips')", "current_clips")).fetchall()
+    """The README's DuckDB query for the current clips table (kept in one place: README.md), through
+    DuckDB's real `delta_scan`, the extension loaded as the README says (from its registry package)."""
+    from tests.test_readers import load_duckdb_delta, readme_block
+
+    load_duckdb_delta()
+    return duckdb.sql(readme_block("sql current-clips").replace("'OUTPUT", f"'{out}")).fetchall()
 
 
 def _tag_process(corpus: Path, out: Path, checkpoints: dict, run_id: str, *args: str,

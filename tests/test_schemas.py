@@ -1,13 +1,16 @@
-"""The write-time schema check rejects what pyarrow itself would let through."""
+"""The write-time schema check rejects what pyarrow itself would let through; part files store the
+vector columns as the lists Delta declares, width checked, and read back as fixed-size lists."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from pipeline.store.writer import PartWriter
 from pipeline.tagging.aggregate import clips_table
-from schemas import SchemaError, clips_schema, segments_schema, validate_table
+from schemas import WIDTH_KEY, SchemaError, clips_schema, fixed_width, segments_schema, stored_schema, validate_table
 
 SCHEMA = clips_schema(num_labels=3, ast_dim=4, clap_dim=2)
 
@@ -54,3 +57,48 @@ def test_extra_missing_or_mistyped_columns_are_rejected():
         clips_table([{**_row(), "surprise": 1}], SCHEMA)
     with pytest.raises(SchemaError, match="declared"):
         validate_table(table, segments_schema(3, 4, 2))
+
+
+def _ok_and_error_rows() -> pa.Table:
+    return clips_table([_row(scores=np.array([0.1, 0.2, 0.3], np.float32)),
+                        _row(clip_id="c2", status="error", error="empty file", scores=None, ast_embedding=None,
+                             clap_embedding=None, labels=None, num_segments=0)], SCHEMA)
+
+
+def test_the_stored_form_keeps_the_width_check():
+    stored = _ok_and_error_rows().cast(stored_schema(SCHEMA))
+    assert stored.schema.field("scores").type == pa.list_(pa.float32())
+    assert stored.schema.field("scores").metadata == {WIDTH_KEY: b"3"}
+    validate_table(stored, SCHEMA)
+    validate_table(stored, stored_schema(SCHEMA))
+    short = pa.array([[1.0, 2.0], None], pa.list_(pa.float32()))
+    with pytest.raises(SchemaError, match="'scores' has values of 2 elements, declared width 3"):
+        validate_table(stored.set_column(stored.schema.get_field_index("scores"), "scores", short), SCHEMA)
+    wide = pa.array([[1.0, 2.0, 3.0], None], pa.list_(pa.float64()))
+    with pytest.raises(SchemaError, match="'scores' has type"):
+        validate_table(stored.set_column(stored.schema.get_field_index("scores"), "scores", wide), SCHEMA)
+    with pytest.raises(SchemaError, match="'scores' has type"):
+        validate_table(_ok_and_error_rows(), clips_schema(num_labels=4, ast_dim=4, clap_dim=2))
+
+
+def test_part_files_hold_lists_and_read_back_as_the_declared_fixed_size_lists(tmp_path):
+    table = _ok_and_error_rows()
+    writer = PartWriter(str(tmp_path), "clips", "run1", SCHEMA, {"settings_hash": "h"})
+    writer.write(table)
+    writer.flush()
+    (path,) = writer.files
+    assert [pq.read_schema(path).field(name).type for name in ("scores", "ast_embedding", "clap_embedding")] \
+        == [pa.list_(pa.float32())] * 3
+    back = fixed_width(pq.read_table(path))
+    assert back.schema.remove_metadata().equals(SCHEMA)   # the declared types
+    assert all(field.metadata is None for field in back.schema), "the width is in the type again"
+    assert back.select(["scores", "ast_embedding", "clap_embedding"]).equals(
+        table.select(["scores", "ast_embedding", "clap_embedding"]))
+    batch = fixed_width(pq.read_table(path, columns=["clip_id", "clap_embedding"]).to_batches()[0])
+    assert batch.schema.field("clap_embedding").type == pa.list_(pa.float32(), 2)
+
+
+def test_a_writer_refuses_a_vector_of_another_width(tmp_path):
+    writer = PartWriter(str(tmp_path), "clips", "run1", clips_schema(num_labels=4, ast_dim=4, clap_dim=2), {})
+    with pytest.raises(SchemaError, match="scores"):
+        writer.write(_ok_and_error_rows())

@@ -17,10 +17,11 @@ lives in that log and nowhere else:
   anything else (`recover`). Readers join windows to clip rows on (clip_id, run_id): at every point each
   clip row has all its windows, once; windows of no current clip row are there only until step 3.
 
-Delta stores fixed-size lists as plain lists in its schema (the Parquet files keep FixedSizeList): a
-reader gets FLOAT[512] back by casting, e.g. DuckDB `clap_embedding::FLOAT[512]`, Spark
-`array<float>` as is, pyarrow `pc.cast(col, pa.list_(pa.float32(), 512))`; `read_table` reads the
-files' own schema, so it returns fixed-size lists directly.
+Delta has no fixed-size array: the vector columns are lists in its schema and in the data files too
+(width in the files' field metadata, schemas.stored_schema), so every reader agrees; a reader gets
+FLOAT[512] back by casting, e.g. DuckDB `clap_embedding::FLOAT[512]`, pyarrow
+`pc.cast(col, pa.list_(pa.float32(), 512))`; `read_table` and `iter_batches` cast them back
+(schemas.fixed_width).
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 Rows are buffered; a part file is written only when the caller flushes. Each part is written under a
 name starting with "_" (which pyarrow, pandas and DuckDB's hive readers skip) and renamed when
 complete, so a reader never sees a half-written file. The schema is checked before every write
-(schemas.validate_table). `RunWriters` owns a run's segments and clips writers and is the one place
-that flushes them, always segments first: a complete clips part never names a clip whose windows are
-still only in memory (a crash between the two flushes leaves windows without a clip, which a rerun
-redoes, never a clip without its windows).
+(schemas.validate_table). The files store the vector columns as the Delta log declares them, plain
+lists (schemas.stored_schema); their width is checked again on the table written. `RunWriters` owns a
+run's segments and clips writers and is the one place that flushes them, always segments first: a
+complete clips part never names a clip whose windows are still only in memory (a crash between the two
+flushes leaves windows without a clip, which a rerun redoes, never a clip without its windows).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import validate_table
+from schemas import stored_schema, validate_table
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class PartWriter:
         self.fs, root = fsspec.core.url_to_fs(output)
         self.directory = f"{root.rstrip('/')}/{table}/{run_id}"
         self.schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+        self.stored = stored_schema(self.schema)   # what the files hold: vector columns as lists
         self.rows_per_file = rows_per_file
         self.prefix = f"part-{secrets.token_hex(6)}"   # default names: unique per writer, never overwritten
         self.rows_written = 0
@@ -46,10 +48,11 @@ class PartWriter:
         self._buffered = 0
 
     def write(self, table: pa.Table) -> None:
-        """Buffer `table` (schema-checked now); it reaches storage at the next `flush`."""
+        """Buffer `table` (schema-checked now, in the declared or the stored form); it reaches storage at
+        the next `flush`."""
         if len(table):
             validate_table(table, self.schema)
-            self._buffer.append(table)
+            self._buffer.append(table.cast(self.stored))
             self._buffered += len(table)
 
     @property
@@ -63,7 +66,7 @@ class PartWriter:
         if not self._buffered:
             return
         table = pa.concat_tables(self._buffer).replace_schema_metadata(self.schema.metadata)
-        validate_table(table, self.schema)
+        validate_table(table, self.schema)   # the stored lists: every value still has the declared width
         final = write_part(self.fs, self.directory, f"{name or f'{self.prefix}-{len(self.files):05d}'}.parquet", table)
         self.files.append(final)
         self.rows_written += len(table)
