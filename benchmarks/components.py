@@ -3,7 +3,7 @@
 The `pipeline` package of `--before` (a git ref) is exported to a temporary directory under the name
 `pipeline_before`, so both versions load side by side; for each clip (10 s, 44.1 kHz stereo FLAC,
 benchmarks/corpus.py) and each version, in alternating order, one thread, it times:
-- read_bytes: the file's bytes (pipeline/tagging/storage.py), local file;
+- read_bytes: the file's bytes (pipeline/audio/storage.py), local file;
 - decode: `Decoder` in-process (libsndfile, downmix, checks, soxr HQ to 16 and 48 kHz);
 - ast_fbank, clap_mel: one window each, into a preallocated slot as featurize does;
 - featurize_in_process: `Featurize` on the file with the decoder in-process (cpu_cost's measure);

@@ -133,13 +133,13 @@ def floor_and_parts(files: list[Path], models: dict, repeats: int = 3) -> dict:
     import torch
 
     import pipeline.tagging.featurize as featurize_module
-    from pipeline.tagging.decode import Decoder
-    from pipeline.tagging.embedder import ClapEmbedder
+    from pipeline.audio.decode import Decoder
+    from pipeline.models.embedder import ClapEmbedder
     from pipeline.tagging.featurize import Featurize
     from pipeline.tagging.job import TagJobConfig, model_stages
     from pipeline.tagging.resources import ResourcePlan
     from pipeline.tagging.sources import ListingConfig, list_inputs
-    from pipeline.tagging.tagger import AstTagger
+    from pipeline.models.tagger import AstTagger
 
     datas = [f.read_bytes() for f in files]
     zeros = torch.zeros((998, 512))

@@ -30,10 +30,10 @@ import soxr
 import torch
 import torchaudio.compliance.kaldi as kaldi
 
-from pipeline.tagging.decode import Decoder, _downmix
-from pipeline.tagging.features_ast import AstFbank, AstFbankConfig
-from pipeline.tagging.features_clap import ClapMel, ClapMelConfig
-from pipeline.tagging.windows import sample_span
+from pipeline.audio.decode import Decoder, _downmix
+from pipeline.audio.features_ast import AstFbank, AstFbankConfig
+from pipeline.audio.features_clap import ClapMel, ClapMelConfig
+from pipeline.audio.windows import sample_span
 
 STEPS = ("read", "downmix", "resample_16k", "resample_48k", "ast_fbank", "ast_fft_f32", "clap_mel", "clap_fft_f64")
 CANDIDATES = ("one_resample_48k_to_16k", "clap_mel_fft_f32", "clap_fft_f64_numpy", "ast_fbank_torchaudio")

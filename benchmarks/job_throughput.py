@@ -61,10 +61,10 @@ class Bound:
 
     def __init__(self, models: dict, audio: Path, threads: int):
         from benchmarks.models import preload
-        from pipeline.tagging.embedder import ClapEmbedder
+        from pipeline.models.embedder import ClapEmbedder
         from pipeline.tagging.job import TagJobConfig, model_stages
         from pipeline.tagging.resources import ResourcePlan
-        from pipeline.tagging.tagger import AstTagger
+        from pipeline.models.tagger import AstTagger
 
         cfg = TagJobConfig(input=str(audio), output="unused", ast_model=models["ast"], clap_model=models["clap"])
         stages = model_stages(cfg, ResourcePlan(1, 1, 0.0, threads, threads, threads, threads))

@@ -44,13 +44,13 @@ import torch
 
 from benchmarks.corpus import build_full_size, make_corpus
 from pipeline.arrow import to_matrix
-from pipeline.tagging.device import Placement
-from pipeline.tagging.embedder import ClapEmbedder
+from pipeline.models.device import Placement
+from pipeline.models.embedder import ClapEmbedder
 from pipeline.tagging.featurize import Featurize
 from pipeline.tagging.job import TagJobConfig, model_stages
 from pipeline.tagging.resources import ResourcePlan
 from pipeline.tagging.sources import ListingConfig, list_inputs
-from pipeline.tagging.tagger import AstTagger
+from pipeline.models.tagger import AstTagger
 
 log = logging.getLogger("benchmarks.models")
 

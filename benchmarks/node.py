@@ -108,10 +108,10 @@ def bound(models: dict, precision: str, windows: int) -> dict:
     import torch
 
     from pipeline.arrow import blobs_from_rows
-    from pipeline.tagging.embedder import ClapEmbedder
+    from pipeline.models.embedder import ClapEmbedder
     from pipeline.tagging.job import TagJobConfig, model_stages
     from pipeline.tagging.resources import plan_resources
-    from pipeline.tagging.tagger import AstTagger
+    from pipeline.models.tagger import AstTagger
 
     plan = plan_resources(ray.cluster_resources())
     stages = model_stages(TagJobConfig(input=".", output=".", ast_model=models["ast"], clap_model=models["clap"],
@@ -164,8 +164,8 @@ def precision_deviation(stages, ast, clap, rows) -> dict:
     import torch
 
     from pipeline.arrow import to_matrix
-    from pipeline.tagging.embedder import ClapEmbedder
-    from pipeline.tagging.tagger import AstTagger
+    from pipeline.models.embedder import ClapEmbedder
+    from pipeline.models.tagger import AstTagger
 
     fp32 = (AstTagger(type(stages.tagger)(**{**stages.tagger.__dict__, "precision": "fp32"})),
             ClapEmbedder(type(stages.embedder)(**{**stages.embedder.__dict__, "precision": "fp32"})))

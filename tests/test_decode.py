@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.tagging.decode import LONG_FILE, DecodeConfig, DecodeError, Decoder
-from pipeline.tagging.storage import read_bytes
+from pipeline.audio.decode import LONG_FILE, DecodeConfig, DecodeError, Decoder
+from pipeline.audio.storage import read_bytes
 from tests.audio import BROKEN_REASONS, broken_files, encode, encode_m4a, signal
 
 BROKEN = broken_files()
@@ -88,8 +88,8 @@ def test_storage_errors_are_reasons(tmp_path):
 def test_long_files_read_in_blocks_equal_one_read(fmt, monkeypatch):
     data = encode(signal(7.0, 44_100, 6, seed=11), 44_100, fmt)
     whole = Decoder()(data)
-    monkeypatch.setattr("pipeline.tagging.decode.WHOLE_READ_BYTES", 1 << 16)  # everything counts as long here
-    monkeypatch.setattr("pipeline.tagging.decode.BLOCK_FRAMES", 10_000)
+    monkeypatch.setattr("pipeline.audio.decode.WHOLE_READ_BYTES", 1 << 16)  # everything counts as long here
+    monkeypatch.setattr("pipeline.audio.decode.BLOCK_FRAMES", 10_000)
     blocks = Decoder()(data)
     for rate in (16_000, 48_000):
         np.testing.assert_array_equal(blocks.waves[rate], whole.waves[rate])

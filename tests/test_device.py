@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.tagging.device import Placement
+from pipeline.models.device import Placement
 
 
 def test_cpu_placement_is_float32_with_the_requested_threads():
@@ -28,7 +28,7 @@ def test_cpu_placement_is_float32_with_the_requested_threads():
 
 
 def test_precision_resolves_per_plan_and_rejects_unknown():
-    from pipeline.tagging.device import resolve_precision
+    from pipeline.models.device import resolve_precision
 
     assert resolve_precision("auto", uses_gpus=False) == "fp32"
     assert resolve_precision("auto", uses_gpus=True) == "bf16"
@@ -43,7 +43,7 @@ def test_precision_resolves_per_plan_and_rejects_unknown():
 def test_fixed_batches_are_independent_of_grouping_and_read_only_inputs():
     """The staging buffer is reused across micro-batches and calls; results per row stay bitwise equal
     whatever the grouping, and a read-only input (a view of an Arrow buffer) is accepted."""
-    from pipeline.tagging.device import Staging, run_fixed_batches
+    from pipeline.models.device import Staging, run_fixed_batches
 
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).eval()
@@ -65,8 +65,8 @@ def test_bf16_casts_weights_and_runs_both_models(checkpoints):
     import pyarrow as pa
 
     from pipeline.arrow import blobs_from_rows, to_matrix
-    from pipeline.tagging.embedder import ClapEmbedder, EmbedderConfig
-    from pipeline.tagging.tagger import AstTagger, TaggerConfig
+    from pipeline.models.embedder import ClapEmbedder, EmbedderConfig
+    from pipeline.models.tagger import AstTagger, TaggerConfig
 
     rng = np.random.default_rng(0)
     n = 3

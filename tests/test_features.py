@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.tagging.decode import Decoder
-from pipeline.tagging.features_ast import AstFbank, AstFbankConfig
-from pipeline.tagging.features_clap import ClapMel, ClapMelConfig
-from pipeline.tagging.windows import WindowConfig, plan_windows, sample_span
+from pipeline.audio.decode import Decoder
+from pipeline.audio.features_ast import AstFbank, AstFbankConfig
+from pipeline.audio.features_clap import ClapMel, ClapMelConfig
+from pipeline.audio.windows import WindowConfig, plan_windows, sample_span
 from tests import reference as ref
 from tests.audio import encode, encode_m4a, signal
 
@@ -112,7 +112,7 @@ def test_mel_bands_equal_the_dense_product():
     import torchaudio.compliance.kaldi as kaldi
     from transformers.audio_utils import mel_filter_bank
 
-    from pipeline.tagging.mel_bands import MelBands
+    from pipeline.audio.mel_bands import MelBands
 
     kaldi_banks, _ = kaldi.get_mel_banks(128, 512, 16_000.0, 20.0, 0.0, 100.0, -500.0, 1.0)
     slaney = mel_filter_bank(num_frequency_bins=513, num_mel_filters=64, min_frequency=50, max_frequency=14_000,

@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 from pipeline.tagging.job import TagJobConfig, model_stages, run_tag_job
 from pipeline.tagging.resources import PlacementError, cores_per_gpu, plan_resources
 from pipeline.store.writer import METADATA_KEY
-from pipeline.tagging.windows import sample_span
+from pipeline.audio.windows import sample_span
 from tests import reference as ref
 from tests.audio import encode, signal
 

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from pipeline.tagging.job import TagJobConfig, run_tag_job
-from pipeline.tagging.windows import sample_span
+from pipeline.audio.windows import sample_span
 from pipeline.store.writer import METADATA_KEY
 from schemas import clips_schema, segments_schema, validate_table
 from tests import reference as ref

@@ -28,7 +28,7 @@ import soundfile as sf
 import jobs.tag
 
 from pipeline.store.ledger import read_current
-from pipeline.tagging.decode import DecodeConfig, DecodeError, Decoder
+from pipeline.audio.decode import DecodeConfig, DecodeError, Decoder
 from pipeline.tagging.isolation import IsolatedDecoder
 from pipeline.tagging.job import TagJobConfig, run_tag_job
 from pipeline.store.writer import OutputError

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline.tagging.aggregate import FILE_COLUMNS
 from pipeline.arrow import fixed_list
-from pipeline.tagging.decode import LONG_FILE
+from pipeline.audio.decode import LONG_FILE
 from pipeline.tagging.sink import SINK_SCHEMA, SinkConfig, WriteResults, from_ipc
 from schemas import clips_schema, segments_schema
 from tests.test_aggregate import LABELS, _windows

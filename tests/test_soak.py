@@ -47,7 +47,7 @@ def test_seeded_soak_of_random_kill_points(checkpoints, tmp_path):
         status, _, stderr = tag(manifest, out, checkpoints, f"r{n}", "--shard-files", str(rng.randint(2, 4)),
                                 "--hop", hop, "--replace-settings", fault=fault)
         log.info("soak run %d: fault %s, hop %s, %d files: exit %d", n, fault, hop, files, status)
-        assert status in (0, -9), stderr
+        assert status in (0, 1, -9), stderr   # 1: a run whose only work was the missing file (all transient)
         assert_consistent(out)
     status, _, stderr = tag(manifest, out, checkpoints, "final", "--hop", hop, "--replace-settings")
     assert status == 0, stderr

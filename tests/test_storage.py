@@ -177,7 +177,7 @@ def test_featurize_reads_object_storage_ahead_with_the_rows_of_reading_in_turn(s
     file in its turn, and reads of later files stay within the byte budget."""
     import pyarrow as pa
 
-    from pipeline.tagging import storage
+    from pipeline.audio import storage
     from pipeline.tagging.featurize import Featurize, FeaturizeConfig
     from pipeline.tagging.sources import ListingConfig, list_inputs
 
@@ -221,8 +221,8 @@ def test_http_reads_retry_server_errors_but_never_a_refusal():
 
     from botocore.exceptions import ClientError, NoCredentialsError
 
-    from pipeline.tagging.decode import DecodeError
-    from pipeline.tagging.storage import RetryConfig, _final, read_bytes
+    from pipeline.audio.decode import DecodeError
+    from pipeline.audio.storage import RetryConfig, _final, read_bytes
 
     hits: dict[str, int] = {}
 

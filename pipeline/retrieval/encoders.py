@@ -7,10 +7,10 @@ import numpy as np
 import torch
 
 from pipeline.checkpoints import SAFE_LOAD, resolve
-from pipeline.tagging.decode import DecodeConfig, Decoder
-from pipeline.tagging.embedder import ClapEmbedder, EmbedderConfig
-from pipeline.tagging.features_clap import ClapMel, ClapMelConfig
-from pipeline.tagging.windows import WindowConfig, plan_windows, sample_span
+from pipeline.audio.decode import DecodeConfig, Decoder
+from pipeline.models.embedder import ClapEmbedder, EmbedderConfig
+from pipeline.audio.features_clap import ClapMel, ClapMelConfig
+from pipeline.audio.windows import WindowConfig, plan_windows, sample_span
 
 DEFAULT_PROMPT = "This is a sound of {label}."
 

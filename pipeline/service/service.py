@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline import __version__
 from pipeline.service.catalog import Catalog
 from pipeline.service.runs import LabelCounts, Runs
-from pipeline.tagging.decode import DecodeError
+from pipeline.audio.decode import DecodeError
 from pipeline.service.media import AUDIO_TYPES, RangeNotSatisfiable, SourceFile, content_type, parse_range
 from pipeline.service.metrics import Metrics, MetricsMiddleware
 from pipeline.retrieval.search import Filters, Searcher, SearchError

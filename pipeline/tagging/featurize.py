@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.arrow import blobs_from_rows
-from pipeline.tagging.decode import Audio, DecodeConfig, DecodeError
-from pipeline.tagging.features_ast import AstFbank, AstFbankConfig
-from pipeline.tagging.features_clap import ClapMel, ClapMelConfig
+from pipeline.audio.decode import Audio, DecodeConfig, DecodeError
+from pipeline.audio.features_ast import AstFbank, AstFbankConfig
+from pipeline.audio.features_clap import ClapMel, ClapMelConfig
 from pipeline.tagging.isolation import shared_decoder
-from pipeline.tagging.storage import READ_AHEAD_BYTES, ReadAhead
-from pipeline.tagging.windows import Window, WindowConfig, plan_windows, sample_span
+from pipeline.audio.storage import READ_AHEAD_BYTES, ReadAhead
+from pipeline.audio.windows import Window, WindowConfig, plan_windows, sample_span
 
 log = logging.getLogger(__name__)
 

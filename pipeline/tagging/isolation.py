@@ -33,8 +33,8 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from pipeline.tagging.decode import Audio, DecodeConfig, DecodeError, Decoder
-from pipeline.tagging.storage import plain_path, read_bytes
+from pipeline.audio.decode import Audio, DecodeConfig, DecodeError, Decoder
+from pipeline.audio.storage import plain_path, read_bytes
 
 log = logging.getLogger(__name__)
 

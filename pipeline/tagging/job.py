@@ -26,10 +26,10 @@ from pipeline.store import delta, faults
 from pipeline.store.lease import Lease
 from pipeline.store.ledger import committed_identity, not_transient
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
-from pipeline.tagging.device import resolve_precision
-from pipeline.tagging.embedder import ClapEmbedder, EmbedderConfig
-from pipeline.tagging.features_ast import AstFbankConfig
-from pipeline.tagging.features_clap import ClapMelConfig
+from pipeline.models.device import resolve_precision
+from pipeline.models.embedder import ClapEmbedder, EmbedderConfig
+from pipeline.audio.features_ast import AstFbankConfig
+from pipeline.audio.features_clap import ClapMelConfig
 from pipeline.tagging.featurize import Featurize, FeaturizeConfig, task_memory_bytes
 from pipeline.tagging.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
 from pipeline.tagging.keyset import KeySet, split_digests
@@ -37,8 +37,8 @@ from pipeline.tagging.skip import DoneSet
 from pipeline.tagging.sources import FILE_SCHEMA, InputError, ListingConfig, iter_inputs
 from pipeline.tagging.progress import Progress
 from pipeline.tagging.summary import RunSummary
-from pipeline.tagging.tagger import AstTagger, TaggerConfig
-from pipeline.tagging.windows import WindowConfig
+from pipeline.models.tagger import AstTagger, TaggerConfig
+from pipeline.audio.windows import WindowConfig
 from pipeline.tagging.sink import Collector, SinkConfig, WriteResults
 from pipeline.store.writer import OutputError, check_writable
 from schemas import SCHEMA_VERSION, clips_schema, segments_schema

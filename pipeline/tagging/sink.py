@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.tagging.aggregate import ClipAggregator, ZeroShot, clips_table
-from pipeline.tagging.decode import LONG_FILE
+from pipeline.audio.decode import LONG_FILE
 from pipeline.tagging.summary import RunSummary
 from pipeline.store.writer import PartWriter, RunWriters
 

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
-from pipeline.tagging.decode import DecodeError
+from pipeline.audio.decode import DecodeError
 
 log = logging.getLogger(__name__)
 

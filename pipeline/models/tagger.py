@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from pipeline.arrow import blobs_to_array, fixed_list, where
 from pipeline.checkpoints import load_ast
-from pipeline.tagging.device import Placement, Staging, run_fixed_batches
+from pipeline.models.device import Placement, Staging, run_fixed_batches
 
 log = logging.getLogger(__name__)
 

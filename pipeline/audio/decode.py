@@ -84,10 +84,10 @@ class Decoder:
         return Audio(waves, duration_s, rate, channels, decoder, _shortfall(len(mono), declared, rate))
 
     def decode_file(self, uri: str, lend: bool = False) -> Audio:
-        """Read `uri` (pipeline/tagging/storage.py: storage errors are DecodeErrors) and decode it. `lend` is
+        """Read `uri` (pipeline/audio/storage.py: storage errors are DecodeErrors) and decode it. `lend` is
         IsolatedDecoder's (waveforms that may be views of a reused buffer); here they are always the
         caller's own."""
-        from pipeline.tagging.storage import read_bytes  # storage imports this module
+        from pipeline.audio.storage import read_bytes  # storage imports this module
 
         return self(read_bytes(uri))
 

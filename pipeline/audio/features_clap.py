@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from pipeline.tagging.mel_bands import MelBands
+from pipeline.audio.mel_bands import MelBands
 
 
 @dataclass(frozen=True)

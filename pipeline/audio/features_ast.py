@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torchaudio.compliance.kaldi as kaldi
 
-from pipeline.tagging.mel_bands import MelBands
+from pipeline.audio.mel_bands import MelBands
 
 
 @dataclass(frozen=True)
