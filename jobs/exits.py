@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import enum
+import logging
+from collections.abc import Callable
+from typing import Any
 
 
 class Exit(enum.IntEnum):
@@ -30,3 +33,15 @@ def status_of(error: BaseException) -> Exit | None:
         if isinstance(error, kind):
             return status
     return None
+
+
+def guarded(call: Callable[[], Any], log: logging.Logger) -> tuple[Exit | None, Any]:
+    """(None, call()); for an expected failure (`status_of`), its status and None, logged in one line."""
+    try:
+        return None, call()
+    except Exception as e:
+        status = status_of(e)
+        if status is None:
+            raise
+        log.error("%s", e)
+        return status, None

@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 
-from jobs.exits import Exit, status_of
+from jobs.exits import Exit, guarded
 from pipeline.store.lease import Lease
 from pipeline.store.maintain import MaintainConfig, maintain
 
@@ -31,14 +31,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = MaintainConfig(args.output, args.small_rows, args.target_rows, args.retention_hours, not args.no_vacuum)
-    try:
+    def run() -> dict:
         with Lease(args.output, "maintenance", purpose="maintain") as lease:
-            report = maintain(cfg, check=lease.check)
-    except Exception as e:
-        status = status_of(e)
-        if status is None:
-            raise
-        log.error("%s", e)
+            return maintain(cfg, check=lease.check)
+
+    status, report = guarded(run, log)
+    if status is not None:
         return status
     sys.stdout.write(json.dumps(report) + "\n")
     return Exit.OK

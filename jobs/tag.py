@@ -9,7 +9,7 @@ import sys
 
 import fsspec
 
-from jobs.exits import Exit, status_of
+from jobs.exits import Exit, guarded
 from pipeline.tagging.job import TagJobConfig, run_tag_job
 from pipeline.tagging.progress import quiet_ray_data
 
@@ -148,13 +148,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:   # an unreadable labels file, a bad run id: usage errors, before Ray
         log.error("%s", e)
         return Exit.USAGE
-    try:
-        summary = run_tag_job(cfg)
-    except Exception as e:
-        status = status_of(e)
-        if status is None:
-            raise
-        log.error("%s", e)
+    status, summary = guarded(lambda: run_tag_job(cfg), log)
+    if status is not None:
         return status
     sys.stdout.write(json.dumps(summary) + "\n")
     return Exit.OK if summary["succeeded"] else Exit.BROKEN
