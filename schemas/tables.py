@@ -101,18 +101,34 @@ def stored_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields, metadata=schema.metadata)
 
 
+VECTOR_COLUMNS = ("scores", "ast_embedding", "clap_embedding")
+
+
 def fixed_width(data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
     """`data` as read from the data files, with its stored vector columns cast back to the declared
-    fixed_size_list<float32, width> (the one place readers do it). Columns without a width in their
-    metadata (files of schema version 2 stored fixed-size lists) are returned as they are."""
+    fixed_size_list<float32, width> (the one place readers do it). The width comes from the field's
+    metadata, or, for files another Delta writer rewrote (a user's DELETE: no field metadata), from the
+    values when they all have one length. Files of schema version 2 (fixed-size lists) pass as they are."""
     fields, cast = [], False
     for field in data.schema:
-        if field.metadata and WIDTH_KEY in field.metadata and not pa.types.is_fixed_size_list(field.type):
-            metadata = {k: v for k, v in field.metadata.items() if k != WIDTH_KEY} or None
-            width = int(field.metadata[WIDTH_KEY])
+        width = _stored_width(field, data.column(field.name))
+        if width is not None:
+            metadata = {k: v for k, v in (field.metadata or {}).items() if k != WIDTH_KEY} or None
             field, cast = pa.field(field.name, pa.list_(field.type.value_type, width), field.nullable, metadata), True
         fields.append(field)
     return data.cast(pa.schema(fields, metadata=data.schema.metadata)) if cast else data
+
+
+def _stored_width(field: pa.Field, column) -> int | None:
+    """The width of a stored (list) vector column, None for any other column."""
+    if not pa.types.is_list(field.type) and not pa.types.is_large_list(field.type):
+        return None
+    if field.metadata and WIDTH_KEY in field.metadata:
+        return int(field.metadata[WIDTH_KEY])
+    if field.name not in VECTOR_COLUMNS:
+        return None
+    lengths = pc.unique(pc.drop_null(pc.list_value_length(column)))
+    return lengths[0].as_py() if len(lengths) == 1 else None
 
 
 def validate_table(table: pa.Table, schema: pa.Schema) -> None:
@@ -155,6 +171,6 @@ def _validate_status(table: pa.Table) -> None:
         raise SchemaError("an ok row carries an error reason")
     if pc.any(pc.and_(pc.invert(is_ok), pc.is_null(table.column("error")))).as_py():
         raise SchemaError("an error row has no reason")
-    for name in ("scores", "ast_embedding", "clap_embedding"):
+    for name in VECTOR_COLUMNS:
         if pc.any(pc.and_(is_ok, pc.is_null(table.column(name)))).as_py():
             raise SchemaError(f"an ok row has no {name}")

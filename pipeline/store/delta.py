@@ -145,7 +145,7 @@ def read_table(output: str, table: str, columns: list[str] | None = None, dt=Non
         return None
     fs, _ = fsspec.core.url_to_fs(output)
     dataset = pads.dataset(paths, format="parquet", filesystem=fs)
-    return fixed_width(dataset.to_table(columns=columns).replace_schema_metadata(None))
+    return fixed_width(_plain(dataset.to_table(columns=columns).replace_schema_metadata(None)))
 
 
 def iter_batches(output: str, table: str, columns: list[str], batch_rows: int = 262_144, dt=None):
@@ -156,7 +156,26 @@ def iter_batches(output: str, table: str, columns: list[str], batch_rows: int = 
         fs, _ = fsspec.core.url_to_fs(output)
         for batch in pads.dataset(paths, format="parquet", filesystem=fs).to_batches(columns=columns,
                                                                                       batch_size=batch_rows):
-            yield fixed_width(batch)
+            yield fixed_width(_plain(batch))
+
+
+def _plain(data):
+    """`data` with view types (string_view, binary_view: what delta-rs writes when a user's DELETE or UPDATE
+    rewrites files) cast to the plain ones our schemas declare; unchanged if it has none."""
+    schema = pa.schema([f.with_type(_plain_type(f.type)) for f in data.schema], metadata=data.schema.metadata)
+    return data if schema.equals(data.schema) else data.cast(schema)
+
+
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    if t == pa.string_view():
+        return pa.string()
+    if t == pa.binary_view():
+        return pa.binary()
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(_plain_type(t.field(i).type)) for i in range(t.num_fields)])
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+        return pa.list_(t.value_field.with_type(_plain_type(t.value_type)))
+    return t
 
 
 @dataclass(frozen=True)
