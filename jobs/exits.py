@@ -24,7 +24,7 @@ def status_of(error: BaseException) -> Exit | None:
     from pipeline.store.delta import LedgerError
     from pipeline.store.lease import LeaseError
     from pipeline.store.writer import OutputError
-    from pipeline.tagging.job import SettingsChanged
+    from pipeline.store.settings import SettingsChanged
     from pipeline.tagging.resources import PlacementError
     from pipeline.tagging.sources import InputError
 

@@ -21,7 +21,7 @@ import pytest
 from deltalake import DeltaTable
 
 from pipeline.store.ledger import read_current
-from pipeline.tagging.job import SettingsChanged
+from pipeline.store.settings import SettingsChanged
 from pipeline.tagging.job import TagJobConfig, run_tag_job
 from pipeline.store.writer import METADATA_KEY
 from tests.audio import encode, signal as make_signal

@@ -23,6 +23,7 @@ from ray.data.exceptions import ExecutionTimeoutError
 import pipeline
 from pipeline.tagging.aggregate import ZeroShot
 from pipeline.store import delta, faults
+from pipeline.store.settings import check_settings
 from pipeline.store.lease import Lease
 from pipeline.store.ledger import committed_identity, not_transient
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
@@ -193,41 +194,6 @@ def run_metadata(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan) -> 
                 "models": models, "features": features, "compute": compute, "settings_hash": settings.hash,
                 "top_k": cfg.top_k, "zero_shot": values["zero_shot"]}
     return metadata, settings
-
-
-class SettingsChanged(ValueError):
-    """The run's settings differ from those of the table it would extend, and no replacement was asked for."""
-
-
-def check_settings(output: str, table: dict | None, table_hash: str | None, settings: delta.Settings,
-                   replace: bool) -> bool:
-    """Whether this run replaces the table (True) or extends it (False); SettingsChanged if its settings
-    differ from the table's and `replace` was not asked for."""
-    if table_hash is None or table_hash == settings.hash:
-        return False
-    if replace:
-        log.info("settings differ from the table's (%s): --replace-settings: reprocessing every file into a new "
-                 "table, swapped in when the run ends", ", ".join(_differing(table, settings.values)))
-        return True
-    raise SettingsChanged(
-        f"{output} holds results made with other settings (hash {table_hash}, this run {settings.hash}); "
-        f"they differ in: {', '.join(_differing(table, settings.values))}. Rerun with the table's settings, or "
-        "pass --replace-settings to reprocess every file with these and swap the new table in at the end "
-        "(earlier results stay readable by Delta time travel until vacuumed)")
-
-
-def _differing(old: dict | None, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two settings dicts."""
-    if old is None:
-        return ["(unknown: the table was made by an older version)"]
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _differing(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key} ({json.dumps(a)[:60]} -> {json.dumps(b)[:60]})")
-    return keys
 
 
 def _jsonable(value):
