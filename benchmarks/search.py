@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.retrieval.index import AnnConfig, append_synthetic_index, write_synthetic_index
+from benchmarks.synthetic_index import append_synthetic_index, write_synthetic_index
+from pipeline.retrieval.ann import AnnConfig
 
 FILTERS = {"label >= 0.9 (10%)": {"label": "synthetic", "min_score": 0.9},
            "uri prefix (11%)": {"uri_prefix": "synthetic://1"},

@@ -7,7 +7,8 @@ import json
 import logging
 import sys
 
-from pipeline.retrieval.index import AnnConfig, build_index
+from pipeline.retrieval.ann import AnnConfig
+from pipeline.retrieval.index import build_index
 
 
 def main(argv=None) -> int:

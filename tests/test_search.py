@@ -70,12 +70,13 @@ def test_index_built_a_few_rows_at_a_time_holds_the_same_rows(tagged, tmp_path, 
 
     import pyarrow as pa
 
-    import pipeline.retrieval.index as index
+    from pipeline.retrieval import rows
+    from pipeline.retrieval.files import IndexFiles, store_of
 
     _, out = tagged
     copy = tmp_path / "out"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("_index"))
-    monkeypatch.setattr(index, "_current_batches", functools.partial(index._current_batches, batch_rows=3))
+    monkeypatch.setattr(rows, "current_batches", functools.partial(rows.current_batches, batch_rows=3))
     small = build_index(str(copy))
     big = Searcher(str(out)).info
     for table in ("clips", "segments"):
@@ -83,7 +84,7 @@ def test_index_built_a_few_rows_at_a_time_holds_the_same_rows(tagged, tmp_path, 
         metas = []
         for root, info in ((copy, small), (out, big)):
             meta = pa.ipc.open_file(str(root / "_index" / info["tables"][table]["meta"])).read_all()
-            vectors = index.store_of(index.IndexFiles(str(root)), info["tables"][table], info["dim"])
+            vectors = store_of(IndexFiles(str(root)), info["tables"][table], info["dim"])
             metas.append(meta.drop_columns(["run_id"]).to_pandas().assign(
                 vector=list(vectors.get(np.arange(len(meta))))).sort_values(["clip_id", "start_s"]
                                                                            if table == "segments" else ["clip_id"]))
@@ -203,7 +204,7 @@ def test_projection_keeps_inner_products_in_its_subspace():
     """The ANN's projection is uncentred: for rows in a 49-d subspace of 512-d (48 varying directions and a
     constant offset) projected inner products equal the original ones, so the IVF-PQ ranks as exact search
     would (a centred PCA would drop the offset's direction)."""
-    from pipeline.retrieval.index import projection
+    from pipeline.retrieval.ann import projection
 
     rng = np.random.default_rng(0)
     basis = rng.standard_normal((49, 512)).astype(np.float32)
@@ -224,7 +225,8 @@ def test_ann_recall_filters_and_incremental_update(tmp_path):
     import faiss
 
     from benchmarks.search import synthetic
-    from pipeline.retrieval.index import AnnConfig, append_synthetic_index, write_synthetic_index
+    from benchmarks.synthetic_index import append_synthetic_index, write_synthetic_index
+    from pipeline.retrieval.ann import AnnConfig
 
     vectors, queries = synthetic(50_000, seed=1)
     info = write_synthetic_index(str(tmp_path), vectors)
@@ -308,7 +310,8 @@ def test_index_in_object_storage_loads_lazily(tmp_path, monkeypatch):
     import s3fs
 
     from benchmarks.search import synthetic
-    from pipeline.retrieval.index import AnnConfig, write_synthetic_index
+    from benchmarks.synthetic_index import write_synthetic_index
+    from pipeline.retrieval.ann import AnnConfig
     from tests.s3 import MotoS3
 
     vectors, queries = synthetic(30_000, seed=3)

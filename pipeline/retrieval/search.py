@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 
 from pipeline.arrow import list_element
 from pipeline.store import delta
-from pipeline.retrieval.index import AnnConfig, fetch_index, project, store_of
+from pipeline.retrieval.ann import AnnConfig, project
+from pipeline.retrieval.files import fetch_index, store_of
 
 log = logging.getLogger(__name__)
 

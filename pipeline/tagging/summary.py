@@ -120,5 +120,5 @@ class RunSummary:
 
 
 def _iso(t: float) -> str:
-    """Epoch seconds as ISO 8601 UTC, to the second."""
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Epoch seconds as ISO 8601 UTC, to the millisecond (runs that end within a second keep their order)."""
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
