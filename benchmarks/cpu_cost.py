@@ -1,26 +1,33 @@
-"""CPU cost per clip of the real job against the one-thread floor, measured in the same run.
+"""CPU cost per clip of the real job against the one-thread floor, measured in the same run, in one of
+two modes (`--features-on`): `cpu`, CPU workers compute the features; `gpu`, CPU workers only decode,
+downmix and resample and ship waveforms, and the model actors compute the features.
 
-The job (`run_tag_job`, tiny random-weight models, real local Ray, 10 s 44.1 kHz stereo FLAC) runs over
-two corpus sizes, back to back, on one Ray instance already started and warmed by `--warm` runs of the
-small corpus (task workers that import torch and the pipeline during a measured run add ~2.6 s of CPU to
-that run: up to ~10 ms per clip of noise in the featurize workers' share).
+The job (`run_tag_job`, tiny random-weight models, real local Ray, 10 s 44.1 kHz stereo FLAC) runs in
+`--pairs` interleaved (small, large) pairs on one Ray instance, started and warmed first by `--warm`
+runs of the small corpus (a task worker that starts during a measured run adds ~2.6 s of CPU to it).
 Around each run:
-- whole-machine busy core-seconds from /proc/stat (all CPUs, total minus idle and iowait): what the
-  issue asks for; it also counts any other work on the machine, so it needs a quiet machine;
-- CPU seconds of this process and every descendant (Ray's GCS, raylet, workers, decoder children),
-  from /proc/PID/stat (utime + stime + reaped children's), split by role: robust to other work on a
-  shared machine, and it says where the time goes.
-Marginal cost per clip = (busy(large) - busy(small)) / (large - small): start-up, model load and the
-last batch's drain cancel.
+- whole-machine busy core-seconds from /proc/stat (total minus idle and iowait): counts any other work
+  on the machine too;
+- CPU seconds of this process and every descendant (GCS, raylet, workers, decoder children) from
+  /proc/PID/stat (utime + stime + reaped children's), split by role: robust to other work.
+Per pair, marginal cost per clip = (busy(large) - busy(small)) / (large - small): start-up, model load
+and the last batch's drain cancel. Reported: the median and [min, max] over the pairs whose two runs
+started the same processes (all pairs, with a warning, if none did).
 
-The floor, timed in the same process on one thread, clip by clip (median process CPU time):
-libsndfile decode to float32, soxr HQ to 16 kHz and to 48 kHz (one channel), and the bare float32
-FFTs both spectrograms need (998 x 512 for AST, 1000 x 1024 for CLAP). `floor_one_resample` is
-benchmarks/features.py's floor (48 kHz only). Alongside: our Featurize work in-process on one thread
-(decode + features, no Ray, no child process) and the tiny models' forward pass per window.
+CPU side (what a GPU node's CPUs do per clip):
+- cpu mode: min(machine, process tree) less the tiny models' one-thread forward pass per window;
+- gpu mode: machine less the model actors' (ast_actor, clap_actor) marginal process-tree CPU.
+Both modes also report process tree less the model actors.
 
-Usage: python -m benchmarks.cpu_cost [--sizes 64 320] [--repeats 1] [--floor-clips 16] [--warm 2]
-       [--out benchmarks/results/cpu_cost.json]
+The floor, timed in this process on one thread, clip by clip (median CPU time), before the job runs and
+again after (their mean is the denominator): libsndfile decode to float32, soxr HQ to 16 and 48 kHz
+(one channel), and the bare float32 FFTs both spectrograms need (998 x 512 AST, 1000 x 1024 CLAP).
+Alongside: `floor_one_resample` (benchmarks/features.py's floor), `floor_no_fft` (decode + the two
+resamples), our Featurize in-process for the mode (no Ray, no child process), the tiny models per
+window, and the object-store bytes per window of Featurize's output tables.
+
+Usage: python -m benchmarks.cpu_cost [--features-on cpu|gpu] [--sizes 64 320] [--pairs 3]
+       [--floor-clips 16] [--warm 2] [--out benchmarks/results/cpu_cost_{mode}.json]
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from benchmarks.corpus import make_corpus
 
 log = logging.getLogger("benchmarks.cpu_cost")
 TICK = os.sysconf("SC_CLK_TCK")
+MODES = ("cpu", "gpu")
 
 
 def machine_busy_s() -> float:
@@ -107,12 +115,19 @@ def tree_delta(before: dict, after: dict) -> dict[str, float]:
     return by_role
 
 
-def run_job(root: Path, models: dict, audio: Path, name: str) -> dict:
-    from pipeline.tagging.job import TagJobConfig, run_tag_job
+def job_config(features_on: str, **kwargs):
+    from pipeline.tagging.job import TagJobConfig
 
+    return TagJobConfig(**kwargs, features_on=features_on)
+
+
+def run_job(root: Path, models: dict, audio: Path, name: str, features_on: str) -> dict:
+    from pipeline.tagging.job import run_tag_job
+
+    cfg = job_config(features_on, input=str(audio), output=str(root / "out" / name), ast_model=models["ast"],
+                     clap_model=models["clap"])
     tree0, busy0, wall0 = tree_cpu(), machine_busy_s(), time.perf_counter()
-    summary = run_tag_job(TagJobConfig(input=str(audio), output=str(root / "out" / name),
-                                       ast_model=models["ast"], clap_model=models["clap"]))
+    summary = run_tag_job(cfg)
     wall, busy, tree1 = time.perf_counter() - wall0, machine_busy_s() - busy0, tree_cpu()
     if summary["ok"] != summary["files_seen"]:
         raise RuntimeError(f"benchmark job left {summary['error']} error rows: {summary}")
@@ -125,8 +140,9 @@ def run_job(root: Path, models: dict, audio: Path, name: str) -> dict:
             "tree_cpu_s": sum(split.values()), "tree_split_s": split, "processes_started": started}
 
 
-def floor_and_parts(files: list[Path], models: dict, repeats: int = 3) -> dict:
-    """Median one-thread CPU ms per clip: the floor(s), our featurize work in-process, tiny models."""
+def floor_and_parts(files: list[Path], models: dict, features_on: str, repeats: int = 3) -> dict:
+    """Median one-thread CPU ms per clip (`ms`): the floor(s), our Featurize in-process for the mode, the
+    tiny models per window; and the object-store bytes per window of Featurize's output tables."""
     import pyarrow as pa
     import soundfile as sf
     import soxr
@@ -135,42 +151,49 @@ def floor_and_parts(files: list[Path], models: dict, repeats: int = 3) -> dict:
     import pipeline.tagging.featurize as featurize_module
     from pipeline.audio.decode import Decoder
     from pipeline.models.embedder import ClapEmbedder
+    from pipeline.models.tagger import AstTagger
     from pipeline.tagging.featurize import Featurize
-    from pipeline.tagging.job import TagJobConfig, model_stages
+    from pipeline.tagging.job import model_stages
     from pipeline.tagging.resources import ResourcePlan
     from pipeline.tagging.sources import ListingConfig, list_inputs
-    from pipeline.models.tagger import AstTagger
 
     datas = [f.read_bytes() for f in files]
     zeros = torch.zeros((998, 512))
 
-    def floor(data: bytes, both: bool = True) -> None:
+    def floor(data: bytes, both: bool = True, fft: bool = True) -> None:
         x, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
         if both:
             soxr.resample(x[:, 0], rate, 16_000, quality="HQ")
         w48 = soxr.resample(x[:, 0], rate, 48_000, quality="HQ")
-        torch.fft.rfft(zeros)
-        torch.fft.rfft(torch.from_numpy(np.ascontiguousarray(w48[:480_000])).reshape(1000, 480), n=1024)
+        if fft:
+            torch.fft.rfft(zeros)
+            torch.fft.rfft(torch.from_numpy(np.ascontiguousarray(w48[:480_000])).reshape(1000, 480), n=1024)
 
-    cfg = TagJobConfig(input=str(files[0].parent), output="unused", ast_model=models["ast"],
-                       clap_model=models["clap"])
+    cfg = job_config(features_on, input=str(files[0].parent), output="unused", ast_model=models["ast"],
+                     clap_model=models["clap"])
     stages = model_stages(cfg, ResourcePlan(1, 1, 0.0, 1, 1, 1, 1))
     featurize = Featurize(stages.featurize)
     listed = [list_inputs(ListingConfig(str(f))) for f in files]
-    rows = pa.concat_tables(list(featurize(listed[0])))
     ast, clap = AstTagger(stages.tagger), ClapEmbedder(stages.embedder)
-    jobs = {"floor": lambda i: floor(datas[i]), "floor_one_resample": lambda i: floor(datas[i], both=False),
-            "featurize_in_process": lambda i: list(featurize(listed[i])),
-            "tiny_ast_per_window": lambda i: ast(rows.slice(0, 1)),
-            "tiny_clap_per_window": lambda i: clap(rows.slice(0, 1))}
-    times = {k: [] for k in jobs}
     # in-process decode: a decoder child's CPU time is not this process's
     isolated, featurize_module.shared_decoder = featurize_module.shared_decoder, Decoder
     try:
+        # all the clips in one call, as a task gets them: blocks of up to windows_per_block windows
+        tables = list(featurize(pa.concat_tables(listed)))
+        windows = sum(t.num_rows for t in tables)
+        store_bytes = sum(t.nbytes for t in tables) / windows
+        rows = tables[0]
+        jobs = {"floor": lambda i: floor(datas[i]), "floor_one_resample": lambda i: floor(datas[i], both=False),
+                "floor_no_fft": lambda i: floor(datas[i], fft=False),
+                "featurize_in_process": lambda i: list(featurize(listed[i])),
+                "tiny_ast_per_window": lambda i: ast(rows.slice(0, 1)),
+                "tiny_clap_per_window": lambda i: clap(rows.slice(0, 1))}
+        times = {k: [] for k in jobs}
         _time_all(jobs, times, len(files), repeats)
     finally:
         featurize_module.shared_decoder = isolated
-    return {k: float(np.median(v)) * 1000 for k, v in times.items()}
+    return {"ms": {k: float(np.median(v)) * 1000 for k, v in times.items()},
+            "object_store_bytes_per_window": store_bytes, "windows": windows}
 
 
 def _time_all(jobs: dict, times: dict, clips: int, repeats: int) -> None:
@@ -189,11 +212,14 @@ def _time_all(jobs: dict, times: dict, clips: int, repeats: int) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--features-on", choices=MODES, default="cpu",
+                   help="cpu: workers compute the features; gpu: workers ship waveforms, model actors featurize")
     p.add_argument("--sizes", type=int, nargs=2, default=[64, 320])
-    p.add_argument("--repeats", type=int, default=1, help="runs per size (interleaved small, large); medians")
+    p.add_argument("--pairs", "--repeats", dest="pairs", type=int, default=3,
+                   help="interleaved (small, large) pairs of runs; median and range over pairs")
     p.add_argument("--floor-clips", type=int, default=16)
     p.add_argument("--warm", type=int, default=2, help="unmeasured runs of the small corpus first")
-    p.add_argument("--out", default="benchmarks/results/cpu_cost.json")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/cpu_cost_{features_on}.json")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(message)s")
     for noisy in ("pipeline", "transformers", "ray"):
@@ -202,7 +228,10 @@ def main(argv=None) -> int:
 
     from pipeline.demo import build_tiny_ast, build_tiny_clap
 
+    mode = args.features_on
     small, large = sorted(args.sizes)
+    if small == large:
+        p.error("--sizes must differ")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_corpus(root / "large", large)
@@ -211,26 +240,32 @@ def main(argv=None) -> int:
             (root / "small" / f.name).symlink_to(f)
         models = {"ast": str(build_tiny_ast(root / "models" / "ast")),
                   "clap": str(build_tiny_clap(root / "models" / "clap"))}
-        parts = floor_and_parts(sorted((root / "large").iterdir())[:args.floor_clips], models)
-        log.info("one thread, ms per clip: %s", {k: round(v, 2) for k, v in parts.items()})
+        floor_files = sorted((root / "large").iterdir())[:args.floor_clips]
+        before = floor_and_parts(floor_files, models, mode)
+        log.info("one thread, ms per clip, before: %s", {k: round(v, 2) for k, v in before["ms"].items()})
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         for w in range(args.warm):  # worker imports, page cache
-            run_job(root, models, root / "small", f"warm-{w}")
-        runs = {small: [], large: []}
-        for r in range(args.repeats):
-            for n in (small, large):
-                runs[n].append(run_job(root, models, root / ("small" if n == small else "large"), f"{n}-{r}"))
-                log.info("%d files: %s", n, {k: (round(v, 2) if isinstance(v, float) else v)
-                                             for k, v in runs[n][-1].items() if k != "tree_split_s"})
+            run_job(root, models, root / "small", f"warm-{w}", mode)
+        pairs = []
+        for r in range(args.pairs):
+            pair = {}
+            for n, sub in ((small, "small"), (large, "large")):
+                pair[sub] = run_job(root, models, root / sub, f"{n}-{r}", mode)
+                log.info("pair %d, %d files: %s", r, n, {k: (round(v, 2) if isinstance(v, float) else v)
+                                                         for k, v in pair[sub].items() if k != "tree_split_s"})
+            pairs.append(pair)
         ray.shutdown()
-    result = summarise(runs, small, large, parts)
-    result.update({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}".strip(", "),
-                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   "load_avg_1min_at_end": os.getloadavg()[0], "clip": "10 s, 44.1 kHz stereo FLAC",
-                   "models": "tiny random-weight AST + CLAP", "sizes": [small, large], "repeats": args.repeats,
-                   "warm_runs": args.warm})
+        after = floor_and_parts(floor_files, models, mode)
+        log.info("one thread, ms per clip, after: %s", {k: round(v, 2) for k, v in after["ms"].items()})
+    result = {"features_on": mode,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}".strip(", "),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "load_avg_1min_at_end": os.getloadavg()[0], "clip": "10 s, 44.1 kHz stereo FLAC",
+              "models": "tiny random-weight AST + CLAP", "sizes": [small, large], "pairs": args.pairs,
+              "warm_runs": args.warm, "floor_clips": len(floor_files)}
+    result.update(summarise(pairs, small, large, before, after, mode))
     report(result)
-    out = Path(args.out)
+    out = Path(args.out or f"benchmarks/results/cpu_cost_{mode}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return 0
@@ -240,92 +275,132 @@ FEATURIZE_ROLES = ("featurize_worker", "sink_task", "decoder_child")
 MODEL_ROLES = ("ast_actor", "clap_actor")
 
 
-def matched(runs: dict, small: int, large: int) -> tuple[dict, bool]:
-    """The runs of each size that started the same processes (by role): a process started during a run
-    adds its start-up (a task worker importing torch and the pipeline: ~2.6 s of CPU) to that run, and
-    Ray starts task workers at random, so only runs with equal starts cancel it. The pattern most runs
-    share; (all runs, False) if no pattern occurs at both sizes."""
-    def key(r):
-        return tuple(sorted(r.get("processes_started", {}).items()))
-
-    common = {key(r) for r in runs[small]} & {key(r) for r in runs[large]}
-    if not common:
-        return runs, False
-    best = max(common, key=lambda k: sum(key(r) == k for n in (small, large) for r in runs[n]))
-    return {n: [r for r in runs[n] if key(r) == best] for n in (small, large)}, True
+def _starts(run: dict) -> tuple:
+    return tuple(sorted(run.get("processes_started", {}).items()))
 
 
-def summarise(runs: dict, small: int, large: int, parts: dict) -> dict:
-    all_runs = runs
-    runs, starts_match = matched(runs, small, large)
+def pair_figures(pair: dict, small: int, large: int, floor_ms: float, models_ms: float, mode: str) -> dict:
+    """One pair's marginal ms per clip (and cores, clips/s)."""
+    s, l = pair["small"], pair["large"]
 
-    def med(n, key):
-        return float(np.median([r[key] for r in runs[n]]))
+    def marginal(a: float, b: float) -> float:
+        return (b - a) / (large - small) * 1000
 
-    def marginal(key):
-        return (med(large, key) - med(small, key)) / (large - small) * 1000
-
-    roles = sorted({k for rs in runs.values() for r in rs for k in r["tree_split_s"]})
-    split = {k: round((float(np.median([r["tree_split_s"].get(k, 0.0) for r in runs[large]]))
-                       - float(np.median([r["tree_split_s"].get(k, 0.0) for r in runs[small]])))
-                      / (large - small) * 1000, 2) for k in roles}
-    machine_ms, tree_ms = marginal("machine_busy_s"), marginal("tree_cpu_s")
-    models_ms = parts["tiny_ast_per_window"] + parts["tiny_clap_per_window"]
-    steady = (large - small) / (med(large, "wall_s") - med(small, "wall_s"))
-    featurize_ms = sum(v for k, v in split.items() if k in FEATURIZE_ROLES)
+    roles = set(s["tree_split_s"]) | set(l["tree_split_s"])
+    split = {k: marginal(s["tree_split_s"].get(k, 0.0), l["tree_split_s"].get(k, 0.0)) for k in roles}
+    machine, tree = marginal(s["machine_busy_s"], l["machine_busy_s"]), marginal(s["tree_cpu_s"], l["tree_cpu_s"])
+    actors = sum(v for k, v in split.items() if k in MODEL_ROLES)
+    featurize = sum(v for k, v in split.items() if k in FEATURIZE_ROLES)
     ray_ms = sum(v for k, v in split.items() if k not in FEATURIZE_ROLES + MODEL_ROLES)
+    cpu_side = min(machine, tree) - models_ms if mode == "cpu" else machine - actors
+    steady = (large - small) / (l["wall_s"] - s["wall_s"])
+    return {"machine": machine, "process_tree": tree, "model_actors": actors, "tree_minus_actors": tree - actors,
+            "cpu_side": cpu_side, "ratio_cpu_side_over_floor": cpu_side / floor_ms, "featurize": featurize,
+            "ratio_featurize_over_floor": featurize / floor_ms, "ray_and_driver": ray_ms,
+            "ray_and_driver_cores": ray_ms * steady / 1000, "steady_clips_per_s": steady, "split": split}
+
+
+def _stat(values: list[float], digits: int = 2) -> dict:
+    return {"median": round(float(np.median(values)), digits), "min": round(float(min(values)), digits),
+            "max": round(float(max(values)), digits)}
+
+
+def summarise(pairs: list[dict], small: int, large: int, before: dict, after: dict, mode: str) -> dict:
+    parts = {k: (before["ms"][k] + after["ms"][k]) / 2 for k in before["ms"]}
+    floor_ms = parts["floor"]
+    models_ms = parts["tiny_ast_per_window"] + parts["tiny_clap_per_window"]  # one window per clip
+    figures = [pair_figures(p, small, large, floor_ms, models_ms, mode) for p in pairs]
+    # a process started during a run adds its start-up (a task worker importing torch and the pipeline:
+    # ~2.6 s of CPU) to that run; only pairs whose two runs started the same processes cancel it
+    matched = [_starts(p["small"]) == _starts(p["large"]) for p in pairs]
+    used = [f for f, m in zip(figures, matched) if m] or figures
+
+    def stat(key: str, digits: int = 2) -> dict:
+        return _stat([f[key] for f in used], digits)
+
+    headline = {
+        "marginal_core_ms_per_clip_machine": stat("machine"),
+        "marginal_core_ms_per_clip_process_tree": stat("process_tree"),
+        "model_actors_ms_per_clip": stat("model_actors"),
+        "tree_minus_actors_ms_per_clip": stat("tree_minus_actors"),
+        "cpu_side_ms_per_clip": stat("cpu_side"),
+        "ratio_cpu_side_over_floor": stat("ratio_cpu_side_over_floor", 3),
+        "featurize_ms_per_clip": stat("featurize"),
+        "ratio_featurize_over_floor": stat("ratio_featurize_over_floor", 3),
+        "ray_and_driver_ms_per_clip": stat("ray_and_driver"),
+        "ray_and_driver_cores": stat("ray_and_driver_cores", 3),
+        "steady_clips_per_s": stat("steady_clips_per_s"),
+    }
+    roles = sorted({k for f in used for k in f["split"]})
     return {
-        "marginal_core_ms_per_clip_machine": round(machine_ms, 2),
-        "marginal_core_ms_per_clip_process_tree": round(tree_ms, 2),
-        "marginal_split_ms_per_clip": split,
-        "floor_ms_per_clip": round(parts["floor"], 2),
-        "ratio_machine_over_floor": round(machine_ms / parts["floor"], 2),
-        "ratio_process_tree_over_floor": round(tree_ms / parts["floor"], 2),
-        "one_thread_ms": {k: round(v, 2) for k, v in parts.items()},
-        # what a GPU node's CPUs do per clip: the job less the tiny models' forward passes (which a GPU
-        # runs); pipeline/tagging/resources.py's FEATURE_WINDOWS_PER_CORE is 1000 / this
-        "cpu_side_ms_per_clip": round(min(machine_ms, tree_ms) - models_ms, 2),
-        "ratio_cpu_side_over_floor": round((min(machine_ms, tree_ms) - models_ms) / parts["floor"], 2),
-        # the feature stage as the job runs it (task workers, sink tasks included, and decoder children),
-        # and what Ray and the driver cost: mostly per unit of time (polling, heartbeats, metrics), so per
-        # clip it shrinks as clips/s grows
-        "featurize_ms_per_clip": round(featurize_ms, 2),
-        "ratio_featurize_over_floor": round(featurize_ms / parts["floor"], 2),
-        "ray_and_driver_ms_per_clip": round(ray_ms, 2),
-        "ray_and_driver_cores": round(ray_ms * steady / 1000, 3),
-        "steady_clips_per_s": round(steady, 2),
-        "runs_used": {str(n): len(rs) for n, rs in runs.items()},
-        "process_starts_matched": starts_match,
-        "runs": {str(n): [{k: (round(v, 3) if isinstance(v, float) else
-                               {a: round(b, 3) for a, b in v.items()} if isinstance(v, dict) else v)
-                           for k, v in r.items()} for r in rs] for n, rs in all_runs.items()},
+        # scalar = median over the pairs used (benchmarks/gpu_sizing.py reads cpu_side_ms_per_clip);
+        # `range` = [min, max] over them
+        **{k: v["median"] for k, v in headline.items()},
+        "range": {k: [v["min"], v["max"]] for k, v in headline.items()},
+        "cpu_side_definition": ("min(machine, process tree) - tiny models' one-thread forward pass per window"
+                                if mode == "cpu" else "machine - model actors' process-tree CPU"),
+        "ratio_machine_over_floor": round(headline["marginal_core_ms_per_clip_machine"]["median"] / floor_ms, 3),
+        "ratio_process_tree_over_floor": round(headline["marginal_core_ms_per_clip_process_tree"]["median"]
+                                               / floor_ms, 3),
+        "marginal_split_ms_per_clip": {k: _stat([f["split"].get(k, 0.0) for f in used]) for k in roles},
+        "floor_ms_per_clip": round(floor_ms, 2),
+        "floor_ms_per_clip_before": round(before["ms"]["floor"], 2),
+        "floor_ms_per_clip_after": round(after["ms"]["floor"], 2),
+        "tiny_models_ms_per_window": round(models_ms, 2),
+        "object_store_bytes_per_window": round((before["object_store_bytes_per_window"]
+                                                + after["object_store_bytes_per_window"]) / 2),
+        "one_thread_ms": {"mean": {k: round(v, 2) for k, v in parts.items()},
+                          "before": {k: round(v, 2) for k, v in before["ms"].items()},
+                          "after": {k: round(v, 2) for k, v in after["ms"].items()}},
+        "pairs_used": len(used),
+        "pairs_matched": sum(matched),
+        "process_starts_matched": any(matched),
+        "pair_runs": [{"matched": m, "figures": _rounded(f), "small": _rounded(p["small"]), "large": _rounded(p["large"])}
+                      for p, f, m in zip(pairs, figures, matched)],
     }
 
 
+def _rounded(v, digits: int = 3):
+    if isinstance(v, float):
+        return round(v, digits)
+    if isinstance(v, dict):
+        return {k: _rounded(x, digits) for k, x in v.items()}
+    return v
+
+
 def report(result: dict) -> None:
-    print(f"marginal CPU per clip, job with tiny models, {result['sizes'][0]} vs {result['sizes'][1]} files; "
-          f"{result['machine']}, load average {result['load_avg_1min_at_end']:.1f} at end")
-    print(f"{'measure':<44}{'ms/clip':>10}{'/ floor':>9}")
-    print(f"{'whole machine (/proc/stat)':<44}{result['marginal_core_ms_per_clip_machine']:>10}"
-          f"{result['ratio_machine_over_floor']:>9}")
-    print(f"{'process tree (driver, Ray, workers, children)':<44}"
-          f"{result['marginal_core_ms_per_clip_process_tree']:>10}{result['ratio_process_tree_over_floor']:>9}")
-    print(f"{'floor (decode + 2 resamples + bare FFTs)':<44}{result['floor_ms_per_clip']:>10}{1.0:>9}")
-    print(f"{'  less the tiny models (one thread)':<44}{result['cpu_side_ms_per_clip']:>10}"
-          f"{result['ratio_cpu_side_over_floor']:>9}")
-    print(f"{'  featurize: task workers + decoder children':<44}{result['featurize_ms_per_clip']:>10}"
-          f"{result['ratio_featurize_over_floor']:>9}")
-    print(f"{'  Ray processes and the driver':<44}{result['ray_and_driver_ms_per_clip']:>10}"
-          f"   ({result['ray_and_driver_cores']} cores)")
-    print(f"steady state: {result['steady_clips_per_s']} clips/s; runs used per size {result['runs_used']}"
-          + ("" if result["process_starts_matched"] else " (WARNING: no small and large run started the same "
-                                                         "processes: start-up does not cancel)"))
-    print("\nmarginal ms per clip by process role:")
-    for k, v in sorted(result["marginal_split_ms_per_clip"].items(), key=lambda kv: -kv[1]):
-        print(f"  {k:<24}{v:>8}")
-    print("\none thread, ms per clip (median CPU time):")
-    for k, v in result["one_thread_ms"].items():
-        print(f"  {k:<24}{v:>8}")
+    r, rng, floor = result, result["range"], result["floor_ms_per_clip"]
+    print(f"marginal CPU per clip, features on {r['features_on']}, job with tiny models, {r['sizes'][0]} vs "
+          f"{r['sizes'][1]} files, {r['pairs_used']} of {r['pairs']} pairs; {r['machine']}, load average "
+          f"{r['load_avg_1min_at_end']:.1f} at end")
+    print(f"{'measure':<46}{'median':>9}{'[min, max]':>20}{'/ floor':>9}")
+
+    def row(label: str, key: str) -> None:
+        lo, hi = rng[key]
+        print(f"{label:<46}{r[key]:>9.2f}{f'[{lo:.2f}, {hi:.2f}]':>20}{r[key] / floor:>9.2f}")
+
+    row("whole machine (/proc/stat)", "marginal_core_ms_per_clip_machine")
+    row("process tree (driver, Ray, workers, children)", "marginal_core_ms_per_clip_process_tree")
+    row("  model actors (ast_actor, clap_actor)", "model_actors_ms_per_clip")
+    row("  process tree less the model actors", "tree_minus_actors_ms_per_clip")
+    row("CPU side: " + ("less the tiny models (1 thread)" if r["features_on"] == "cpu"
+                        else "machine less the model actors"), "cpu_side_ms_per_clip")
+    row("featurize: task workers + decoder children", "featurize_ms_per_clip")
+    row("Ray processes and the driver", "ray_and_driver_ms_per_clip")
+    print(f"{'floor (decode + 2 resamples + bare FFTs)':<46}{floor:>9.2f}"
+          f"{'before ' + format(r['floor_ms_per_clip_before'], '.2f'):>14}"
+          f"{'after ' + format(r['floor_ms_per_clip_after'], '.2f'):>12}")
+    lo, hi = rng["steady_clips_per_s"]
+    print(f"steady state {r['steady_clips_per_s']} clips/s [{lo}, {hi}]; Ray and the driver "
+          f"{r['ray_and_driver_cores']} cores; object store {r['object_store_bytes_per_window']} bytes per window"
+          + ("" if r["process_starts_matched"] else "\nWARNING: in no pair did the small and large run start the "
+                                                   "same processes: start-up does not cancel"))
+    print("\nmarginal ms per clip by process role: median [min, max]")
+    for k, v in sorted(r["marginal_split_ms_per_clip"].items(), key=lambda kv: -kv[1]["median"]):
+        print(f"  {k:<24}{v['median']:>8.2f}  [{v['min']:.2f}, {v['max']:.2f}]")
+    print("\none thread, ms per clip (median CPU time): mean, before, after")
+    for k, v in r["one_thread_ms"]["mean"].items():
+        print(f"  {k:<24}{v:>8.2f}{r['one_thread_ms']['before'][k]:>9.2f}{r['one_thread_ms']['after'][k]:>9.2f}")
 
 
 if __name__ == "__main__":

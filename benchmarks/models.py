@@ -59,7 +59,7 @@ CLAP_COSINE_BAR = 0.9999  # min cosine the product accepts (vs the HF reference)
 
 
 def preload(audio_dir: Path, stages) -> pa.Table:
-    """Window rows (WINDOW_SCHEMA, features as float32 buffers) from the job's own Featurize stage."""
+    """Window rows (WINDOW_SCHEMAS["cpu"], features as float32 buffers) from the job's own Featurize stage."""
     files = list_inputs(ListingConfig(str(audio_dir)))
     rows = pa.concat_tables(list(Featurize(stages.featurize)(files)))
     if rows.column("status").to_pylist().count("ok") != len(rows):

@@ -10,6 +10,7 @@ import sys
 import fsspec
 
 from jobs.exits import Exit, guarded
+from pipeline.tagging.featurize import FEATURES_ON
 from pipeline.tagging.job import TagJobConfig, run_tag_job
 from pipeline.tagging.progress import quiet_ray_data
 
@@ -87,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="model precision: auto takes the table's when OUTPUT has one, else bf16 when the models "
                              "get GPUs (weights cast, no autocast) and fp32 on CPU; fp32 keeps parity with the HF "
                              "float32 reference within 1e-4")
+    models.add_argument("--features-on", default=D.features_on, choices=FEATURES_ON,
+                        help="where the AST fbank and CLAP log-mel are computed: cpu (featurize tasks) or gpu (the "
+                             "model actors, on their GPU, or their CPU where there is none; the CPU workers then "
+                             "only read, decode and resample: for nodes with few cores per GPU)")
     models.add_argument("--zero-shot", metavar="LABELS_FILE",
                         help="also score each clip against these labels (one per line) with CLAP's text tower")
     models.add_argument("--zero-shot-prompt", default=D.zero_shot_prompt,
@@ -144,7 +149,8 @@ def main(argv=None) -> int:
                            flush_every_s=args.flush_every, max_error_rate=args.max_error_rate,
                            rows_per_file=args.rows_per_file, shard_files=args.shard_files,
                            long_file_s=args.long_file_s, stall_timeout_s=args.stall_timeout,
-                           zero_shot_prompt=args.zero_shot_prompt, replace_settings=args.replace_settings, **extra)
+                           zero_shot_prompt=args.zero_shot_prompt, replace_settings=args.replace_settings,
+                           features_on=args.features_on, **extra)
     except (OSError, ValueError) as e:   # an unreadable labels file, a bad run id: usage errors, before Ray
         log.error("%s", e)
         return Exit.USAGE

@@ -59,11 +59,20 @@ def blobs_from_rows(rows: np.ndarray, valid: np.ndarray) -> pa.BinaryArray:
 
 
 def blobs_to_array(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
-    """Binary column of float32 buffers (all non-null, each of `shape`) -> (rows, *shape) float32 array.
+    """Binary column of float32 buffers (all non-null, each of `shape`; one -1 in `shape`: inferred from the
+    first buffer) -> (rows, *shape) float32 array.
 
     A chunk whose buffers lie back to back (what `blobs_from_rows` builds, after Ray's transport) is
     read in place, read-only; only several chunks are concatenated (one copy)."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if -1 in shape:  # one dimension from the buffers' size
+        first = next((c for c in chunks if len(c)), None)
+        known = -int(np.prod(shape))
+        if first is None:
+            shape = tuple(0 if d == -1 else d for d in shape)
+        else:
+            width = np.frombuffer(first.buffers()[1], np.int32)[first.offset:first.offset + 2]
+            shape = tuple(int(width[1] - width[0]) // 4 // known if d == -1 else d for d in shape)
     size = int(np.prod(shape)) * 4
     parts = []
     for chunk in chunks:

@@ -99,12 +99,45 @@ def test_features_match_reference_on_hard_signals(name, checkpoints, extractors)
 def test_clap_mel_edge_settings_match_reference(kwargs):
     from transformers import ClapFeatureExtractor
 
+    from pipeline.audio.features_device import ClapMelBatch
+
     hf = ClapFeatureExtractor(**kwargs)
-    mel = ClapMel(ClapMelConfig(**kwargs))
+    mel, batch = ClapMel(ClapMelConfig(**kwargs)), ClapMelBatch(ClapMelConfig(**kwargs))
     for wave in (signal(0.7, 48_000, seed=3)[:, 0], _hard_signal("tone_off_bin", 48_000, 2.0),
                  signal(10.0, 48_000, seed=4)[:, 0]):
         theirs = hf(wave, sampling_rate=48_000, return_tensors="np")["input_features"][0]
         np.testing.assert_allclose(mel([wave])[0], theirs, atol=1e-3, rtol=0)
+        np.testing.assert_allclose(_batched(batch, [wave], 480_000)[0], theirs, atol=1e-3, rtol=0)
+
+
+def _batched(extractor, waves: list[np.ndarray], samples: int) -> np.ndarray:
+    """Rows of waves zero-padded to `samples`, with their lengths, through a device extractor (CPU)."""
+    import torch
+
+    batch = np.zeros((len(waves), samples), np.float32)
+    for i, w in enumerate(waves):
+        batch[i, :len(w)] = w
+    return extractor(torch.from_numpy(batch), torch.tensor([len(w) for w in waves])).numpy()
+
+
+def test_device_features_match_reference_and_are_batch_independent(checkpoints):
+    """--features-on gpu's extractors (run here on the CPU device): full, short and padded windows of hard
+    signals in one batch match the HF extractors; each row alone gives the same values, bitwise."""
+    from pipeline.audio.features_device import AstFbankBatch, ClapMelBatch
+
+    ast = AstFbankBatch(AstFbankConfig.from_pretrained(checkpoints["ast"]))
+    clap = ClapMelBatch(ClapMelConfig.from_pretrained(checkpoints["clap"]))
+    names = ["tone_off_bin", "near_silent_noise", "silence", "dc", "band_limited_8k_source", "chirp"]
+    seconds = [10.0, 10.0, 0.03, 3.3, 10.0, 7.1]  # 0.03 s: repeat-padded ~333 times for CLAP
+    a16 = [_hard_signal(n, 16_000, s + 0.24 * (s == 10.0)) for n, s in zip(names, seconds)]
+    a48 = [_hard_signal(n, 48_000, s) for n, s in zip(names, seconds)]
+    ours_ast, ours_clap = _batched(ast, a16, 163_840), _batched(clap, a48, 480_000)
+    for i in range(len(names)):
+        np.testing.assert_allclose(ours_ast[i], ref.ast_features(checkpoints["ast"], a16[i]), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(ours_clap[i], ref.clap_features(checkpoints["clap"], a48[i]), atol=1e-3, rtol=0)
+    for i in (0, 2, 5):
+        np.testing.assert_array_equal(_batched(ast, [a16[i]], 163_840)[0], ours_ast[i])
+        np.testing.assert_array_equal(_batched(clap, [a48[i]], 480_000)[0], ours_clap[i])
 
 
 def test_mel_bands_equal_the_dense_product():

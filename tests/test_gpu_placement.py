@@ -3,6 +3,8 @@ take half a GPU each (both share it), and still compute correct results on CPU b
 
 from __future__ import annotations
 
+import math
+
 import json
 import threading
 import time
@@ -123,13 +125,30 @@ def test_gpu_plans_follow_the_sizing_formula(caplog):
     assert starved.batch_size == 256
     needed = cores_per_gpu("A100")  # 312 TFLOP/s x 0.24 / 218.5 GFLOP per window / 20 windows/s per core
     assert needed == pytest.approx(312e12 * 0.24 / 218.5e9 / 20.0)
-    assert "need about 17 cores" in caplog.text and "A100" in caplog.text
+    assert "needs about 17 cores" in caplog.text and "A100" in caplog.text
     caplog.clear()
     plan_resources({"CPU": 18, "GPU": 1, "accelerator_type:A100": 1})
-    assert "need about" not in caplog.text
+    assert "needs about" not in caplog.text
     # issue 13's node (16 cores, one H100) is CPU-bound: the warning must say so
     plan_resources({"CPU": 16, "GPU": 1, "accelerator_type:H100": 1})
-    assert "need about 54 cores" in caplog.text
+    assert "needs about 54 cores" in caplog.text
+
+
+def test_a_cpu_starved_gpu_cluster_is_advised_to_compute_features_on_the_gpus(caplog):
+    """The planner sizes cores per GPU from the mode's measured CPU cost, and names --features-on gpu
+    when the cluster is short of cores for features on the CPU."""
+    on_cpu, on_gpu = cores_per_gpu("A100", "cpu"), cores_per_gpu("A100", "gpu")
+    assert on_gpu < on_cpu
+    between = math.ceil(on_gpu) + 1
+    assert between < on_cpu
+    plan_resources({"CPU": between, "GPU": 1, "accelerator_type:A100": 1})
+    assert f"--features-on gpu computes the features on the GPUs and needs about {on_gpu:.0f}" in caplog.text
+    assert "(enough here)" in caplog.text
+    caplog.clear()
+    plan_resources({"CPU": between, "GPU": 1, "accelerator_type:A100": 1}, features_on="gpu")
+    assert "needs about" not in caplog.text
+    plan_resources({"CPU": 4, "GPU": 1, "accelerator_type:A100": 1}, features_on="gpu")
+    assert f"with --features-on gpu one GPU needs about {on_gpu:.0f} cores" in caplog.text
 
 
 def _every_placement_works(nodes: list[dict], plan) -> bool:

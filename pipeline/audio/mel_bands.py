@@ -26,6 +26,13 @@ class MelBands:
             lo, hi = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 1)
             self._groups.append((lo, hi, cols[lo:hi].contiguous()))
 
+    def to(self, device: torch.device) -> "MelBands":
+        """The same filters on `device`."""
+        moved = object.__new__(MelBands)
+        moved.num_bins, moved.num_mels = self.num_bins, self.num_mels
+        moved._groups = [(lo, hi, w.to(device)) for lo, hi, w in self._groups]
+        return moved
+
     def __call__(self, power: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`power @ filters`, written into `out` ((frames, mels) float32, contiguous) if given."""
         if power.shape[-1] != self.num_bins:

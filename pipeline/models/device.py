@@ -69,11 +69,16 @@ class Placement:
         model = model.to(self.device)
         return model.to(self.weight_dtype) if self.weight_dtype is not None else model
 
-    def to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Host array or tensor (pinned on CUDA: see `Staging`) -> tensor on the device in the compute dtype."""
+    def to_device(self, array: np.ndarray | torch.Tensor, cast: bool = True) -> torch.Tensor:
+        """Host array or tensor (pinned on CUDA: see `Staging`) -> tensor on the device, in the compute
+        dtype if `cast` (waveforms are not cast: their features are computed in float32/float64 first)."""
         tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
         if self.device.type == "cuda":
             tensor = tensor.to(self.device, non_blocking=True)
+        return self.cast(tensor) if cast else tensor
+
+    def cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A model input in the compute dtype."""
         return tensor.to(self.weight_dtype) if self.weight_dtype is not None else tensor
 
     def autocast(self):
@@ -104,21 +109,25 @@ class Staging:
         return self._tensor
 
 
-def run_fixed_batches(fn, inputs: np.ndarray, micro_batch: int, placement: Placement,
-                      staging: Staging | None = None) -> list[np.ndarray]:
+def run_fixed_batches(fn, inputs: np.ndarray | tuple[np.ndarray, ...], micro_batch: int, placement: Placement,
+                      staging: Staging | list[Staging] | None = None, cast: bool = True) -> list[np.ndarray]:
     """Apply `fn` to `inputs` in zero-padded micro-batches of exactly `micro_batch` rows.
 
     A fixed shape makes every row's result independent of how rows were grouped (measured: bitwise
     equal on CPU), so results do not depend on the job's batch size or on the order of inputs.
-    `inputs` may be a read-only view (e.g. of an Arrow buffer): rows are copied into `staging`.
+    `inputs` may be a read-only view (e.g. of an Arrow buffer): rows are copied into `staging`. A tuple
+    of arrays (rows aligned) gives `fn` one tensor each, with one Staging each. `cast`: inputs arrive in
+    the compute dtype (else as they are, for `fn` to cast).
     `fn` returns a tuple of tensors with the batch as first dimension; float32 numpy arrays come back.
     """
-    staging = staging or Staging(placement)
+    arrays = inputs if isinstance(inputs, tuple) else (inputs,)
+    stagings = staging if isinstance(staging, list) else [staging] if staging else []
+    stagings += [Staging(placement) for _ in range(len(arrays) - len(stagings))]
     outputs: list[list[np.ndarray]] = []
-    for start in range(0, len(inputs), micro_batch):
-        chunk = inputs[start:start + micro_batch]
-        n = len(chunk)
+    for start in range(0, len(arrays[0]), micro_batch):
+        chunks = [a[start:start + micro_batch] for a in arrays]
+        n = len(chunks[0])
         with torch.inference_mode(), placement.autocast():
-            result = fn(placement.to_device(staging.fill(chunk, micro_batch)))
+            result = fn(*(placement.to_device(s.fill(c, micro_batch), cast) for s, c in zip(stagings, chunks)))
             outputs.append([r[:n].float().cpu().numpy() for r in result])
     return [np.concatenate(parts) for parts in zip(*outputs)]

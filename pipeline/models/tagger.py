@@ -15,10 +15,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.arrow import blobs_to_array, fixed_list, where
+from pipeline.audio.features_ast import AstFbankConfig
+from pipeline.audio.features_device import AstFbankBatch
 from pipeline.checkpoints import load_ast
 from pipeline.models.device import Placement, Staging, run_fixed_batches
 
 log = logging.getLogger(__name__)
+
+INPUT_COLUMNS = ("ast_features", "ast_wave", "ast_samples")
 
 
 @dataclass(frozen=True)
@@ -31,18 +35,22 @@ class TaggerConfig:
     micro_batch: int = 8
     cpu_threads: int = 1
     precision: str = "fp32"   # "fp32" or "bf16" (device.PRECISIONS), whatever the device
+    fbank: AstFbankConfig | None = None   # set: features computed here from waveforms (--features-on gpu)
 
 
 class AstTagger:
     """Callable for `map_batches(batch_format="pyarrow")` on an actor pool.
 
-    Reads `ast_features`; adds `scores` and `ast_embedding` (null on error rows); drops the features.
+    Reads `ast_features`, or with `config.fbank` the waveforms `ast_wave` and `ast_samples` (features then
+    computed on the actor's device, in float32); adds `scores` and `ast_embedding` (null on error rows);
+    drops its inputs.
     """
 
     def __init__(self, config: TaggerConfig):
         self.config = config
         self.placement = Placement.detect(config.cpu_threads, config.precision)
-        self.staging = Staging(self.placement)
+        self.staging = [Staging(self.placement), Staging(self.placement)]
+        self.fbank = AstFbankBatch(config.fbank, self.placement.device) if config.fbank else None
         self.model = self.placement.prepare(load_ast(config.source))
         self.num_labels = self.model.config.num_labels
         self.hidden = self.model.config.hidden_size
@@ -52,15 +60,23 @@ class AstTagger:
         pooled = self.model.audio_spectrogram_transformer(features).pooler_output
         return self.model.classifier(pooled).sigmoid(), pooled
 
+    def _forward_waves(self, waves, lengths):
+        return self._forward(self.placement.cast(self.fbank(waves, lengths)))
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.asarray(pc.equal(batch.column("status"), "ok").fill_null(False))
         scores = np.zeros((len(batch), self.num_labels), np.float32)
         pooled = np.zeros((len(batch), self.hidden), np.float32)
-        if ok.any():
+        mb = self.config.micro_batch
+        if ok.any() and self.fbank is not None:
+            waves = blobs_to_array(where(batch.column("ast_wave"), ok), (-1,))
+            lengths = np.asarray(batch.column("ast_samples").filter(pa.array(ok)), np.int32)
+            scores[ok], pooled[ok] = run_fixed_batches(self._forward_waves, (waves, lengths), mb, self.placement,
+                                                       self.staging, cast=False)
+        elif ok.any():
             shape = (self.config.num_frames, self.config.num_mel_bins)
             features = blobs_to_array(where(batch.column("ast_features"), ok), shape)
-            scores[ok], pooled[ok] = run_fixed_batches(self._forward, features, self.config.micro_batch,
-                                                       self.placement, self.staging)
-        batch = batch.drop_columns(["ast_features"])
+            scores[ok], pooled[ok] = run_fixed_batches(self._forward, features, mb, self.placement, self.staging)
+        batch = batch.drop_columns([c for c in INPUT_COLUMNS if c in batch.column_names])
         batch = batch.append_column("scores", fixed_list(scores, ok))
         return batch.append_column("ast_embedding", fixed_list(pooled, ok))

@@ -6,6 +6,10 @@ or HTTP are read by the worker, ahead of their turn: storage.ReadAhead); its win
 features are computed window by window and emitted in blocks of at most `windows_per_block` rows, so
 an hour-long file never puts its whole feature matrix in one batch. A file that is not usable audio
 becomes one row with status "error" and zero windows. Features travel as float32 byte buffers (binary columns).
+
+`features_on="gpu"` leaves the features to the model actors (pipeline/audio/features_device.py, on their
+device): rows carry each window's waveforms at the two model rates instead, zero-padded to a full window
+(`ast_wave`, `clap_wave`), with their real lengths in samples (`ast_samples`, `clap_samples`).
 """
 
 from __future__ import annotations
@@ -27,15 +31,22 @@ from pipeline.audio.windows import Window, WindowConfig, plan_windows, sample_sp
 
 log = logging.getLogger(__name__)
 
-WINDOW_SCHEMA = pa.schema([
+_META_SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("uri", pa.string()), ("size_bytes", pa.int64()),
     ("modified", pa.string()), ("etag", pa.string()),
     ("status", pa.string()), ("error", pa.string()), ("error_detail", pa.string()), ("warning", pa.string()),
     ("duration_s", pa.float64()), ("sample_rate", pa.int32()), ("channels", pa.int32()),
     ("decoder", pa.string()), ("num_segments", pa.int32()),
     ("segment_index", pa.int32()), ("start_s", pa.float64()), ("end_s", pa.float64()),
-    ("ast_features", pa.binary()), ("clap_features", pa.binary()),
 ])
+FEATURES_ON = ("cpu", "gpu")
+# what the model actors read, by where features are computed: the features, or the waveforms
+MODEL_INPUTS = {
+    "cpu": pa.schema([("ast_features", pa.binary()), ("clap_features", pa.binary())]),
+    "gpu": pa.schema([("ast_wave", pa.binary()), ("ast_samples", pa.int32()),
+                      ("clap_wave", pa.binary()), ("clap_samples", pa.int32())]),
+}
+WINDOW_SCHEMAS = {on: pa.schema(list(_META_SCHEMA) + list(inputs)) for on, inputs in MODEL_INPUTS.items()}
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,20 @@ class FeaturizeConfig:
     ast: AstFbankConfig = field(default_factory=AstFbankConfig)
     clap: ClapMelConfig = field(default_factory=ClapMelConfig)
     windows_per_block: int = 16
+    features_on: str = "cpu"   # "cpu": here; "gpu": in the model actors, on their device (FEATURES_ON)
+
+    def __post_init__(self):
+        if self.features_on not in FEATURES_ON:
+            raise ValueError(f"features_on must be one of {FEATURES_ON}, got {self.features_on!r}")
+
+    @property
+    def row_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of one window's (AST, CLAP) model input: features, or waveforms padded to a window."""
+        if self.features_on == "gpu":
+            return ((sample_span(0.0, self.windows.ast_window_s, self.ast.sample_rate).stop,),
+                    (sample_span(0.0, self.windows.clap_window_s, self.clap.sample_rate).stop,))
+        return ((self.ast.max_length, self.ast.num_mel_bins),
+                (self.clap.channels, self.clap.num_frames, self.clap.num_mel_bins))
 
 
 # Memory a featurize task holds, per second of audio in its file: the waveforms at the model rates in the
@@ -55,19 +80,19 @@ class FeaturizeConfig:
 BYTES_PER_AUDIO_S = 2 * 4 * (16_000 + 48_000) + 4 * 48_000 + 2 * 192_000
 TASK_BASE_BYTES = 400 << 20
 
-FEATURE_COLUMNS = ("ast_features", "clap_features")
-_META_SCHEMA = pa.schema([f for f in WINDOW_SCHEMA if f.name not in FEATURE_COLUMNS])
-
-
 class _Block:
-    """Up to `capacity` window rows being filled: metadata as dicts, features written in place into one
-    contiguous float32 array per model, which becomes the Arrow column's data buffer without a copy."""
+    """Up to `capacity` window rows being filled: metadata as dicts, the model inputs (features, or
+    waveforms and their lengths) written in place into one contiguous float32 array per model, which
+    becomes the Arrow column's data buffer without a copy."""
 
-    def __init__(self, capacity: int, ast_shape: tuple, clap_shape: tuple):
+    def __init__(self, capacity: int, config: FeaturizeConfig):
+        ast_shape, clap_shape = config.row_shapes
+        self.schema = WINDOW_SCHEMAS[config.features_on]
         self.meta: list[dict] = []
         self.valid: list[bool] = []
         self.ast = np.empty((capacity,) + ast_shape, np.float32)
         self.clap = np.empty((capacity,) + clap_shape, np.float32)
+        self.samples: list[tuple[int, int]] = []   # waveforms' real lengths (features_on="gpu")
         self.filled = 0  # feature rows in use (rows of windows; error rows have none)
 
     def __len__(self) -> int:
@@ -76,21 +101,24 @@ class _Block:
     def table(self) -> pa.Table:
         valid = np.array(self.valid, dtype=bool)
         meta = pa.Table.from_pylist(self.meta, schema=_META_SCHEMA)
-        return pa.Table.from_arrays(
-            meta.columns + [blobs_from_rows(self.ast[:self.filled], valid),
-                            blobs_from_rows(self.clap[:self.filled], valid)], schema=WINDOW_SCHEMA)
+        ast, clap = blobs_from_rows(self.ast[:self.filled], valid), blobs_from_rows(self.clap[:self.filled], valid)
+        inputs = [ast, clap]
+        if "ast_samples" in self.schema.names:
+            lengths = np.zeros((len(valid), 2), np.int32)
+            lengths[valid] = np.array(self.samples, np.int32).reshape(-1, 2)
+            inputs = [ast, pa.array(lengths[:, 0], mask=~valid), clap, pa.array(lengths[:, 1], mask=~valid)]
+        return pa.Table.from_arrays(meta.columns + inputs, schema=self.schema)
 
 
 def task_memory_bytes(config: FeaturizeConfig, seconds: float) -> int:
     """Ray `memory` to reserve for a featurize task whose files are at most `seconds` long."""
-    window_bytes = 4 * (config.ast.max_length * config.ast.num_mel_bins
-                        + config.clap.channels * config.clap.num_frames * config.clap.num_mel_bins)
+    window_bytes = 4 * sum(int(np.prod(shape)) for shape in config.row_shapes)
     return int(seconds * BYTES_PER_AUDIO_S + 3 * config.windows_per_block * window_bytes + TASK_BASE_BYTES
                + READ_AHEAD_BYTES)
 
 
 class Featurize:
-    """Callable for `map_batches(batch_format="pyarrow")`: yields tables of WINDOW_SCHEMA.
+    """Callable for `map_batches(batch_format="pyarrow")`: yields tables of WINDOW_SCHEMAS[config.features_on].
 
     `lane_s`: files longer than this become rows with error LONG_FILE instead of being featurized, so a
     task never holds more than task_memory_bytes(config, lane_s); the job runs those in a second lane.
@@ -109,7 +137,7 @@ class Featurize:
         self._clap = None
 
     def __call__(self, files: pa.Table) -> Iterator[pa.Table]:
-        if self._ast is None:  # built in the worker, not pickled with the stage
+        if self._ast is None and self.config.features_on == "cpu":  # built in the worker, not pickled
             self._ast, self._clap = _extractors(self.config.ast, self.config.clap)
         block = self._new_block()
         for file, data in ReadAhead(files.to_pylist(), self.read_ahead_bytes):
@@ -125,9 +153,7 @@ class Featurize:
             yield block.table()
 
     def _new_block(self) -> _Block:
-        ast, clap = self.config.ast, self.config.clap
-        return _Block(self.config.windows_per_block, (ast.max_length, ast.num_mel_bins),
-                      (clap.channels, clap.num_frames, clap.num_mel_bins))
+        return _Block(self.config.windows_per_block, self.config)
 
     def _rows(self, file: dict, data: bytes | DecodeError | None = None,
               ) -> Iterator[tuple[dict, Audio | None, Window | None]]:
@@ -157,8 +183,15 @@ class Featurize:
         ast_rate, clap_rate = self.config.ast.sample_rate, self.config.clap.sample_rate
         span16 = sample_span(window.start_s, self.config.windows.ast_window_s, ast_rate)
         span48 = sample_span(window.start_s, self.config.windows.clap_window_s, clap_rate)
-        self._ast(audio.waves[ast_rate][span16], out=block.ast[block.filled])
-        self._clap.one(audio.waves[clap_rate][span48], out=block.clap[block.filled])
+        ast_wave, clap_wave = audio.waves[ast_rate][span16], audio.waves[clap_rate][span48]
+        i = block.filled
+        if self.config.features_on == "gpu":
+            block.ast[i, :len(ast_wave)], block.ast[i, len(ast_wave):] = ast_wave, 0.0
+            block.clap[i, :len(clap_wave)], block.clap[i, len(clap_wave):] = clap_wave, 0.0
+            block.samples.append((len(ast_wave), len(clap_wave)))
+        else:
+            self._ast(ast_wave, out=block.ast[i])
+            self._clap.one(clap_wave, out=block.clap[i])
         block.filled += 1
 
 

@@ -31,7 +31,7 @@ from pipeline.models.device import resolve_precision
 from pipeline.models.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.audio.features_ast import AstFbankConfig
 from pipeline.audio.features_clap import ClapMelConfig
-from pipeline.tagging.featurize import Featurize, FeaturizeConfig, task_memory_bytes
+from pipeline.tagging.featurize import FEATURES_ON, Featurize, FeaturizeConfig, task_memory_bytes
 from pipeline.tagging.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
 from pipeline.tagging.keyset import KeySet, split_digests
 from pipeline.tagging.skip import DoneSet
@@ -65,6 +65,7 @@ class TagJobConfig:
     ast_actors: int | None = None
     clap_actors: int | None = None
     windows_per_block: int = 16
+    features_on: str = "cpu"      # "cpu": featurize tasks; "gpu": the model actors, on their device
     long_file_s: float = 1200.0   # featurize tasks reserve memory for files this long; longer ones run
                                   # afterwards in a lane that reserves it for DecodeConfig.max_duration_s
     rows_per_file: int = 20_000
@@ -81,6 +82,8 @@ class TagJobConfig:
     def __post_init__(self):
         if not RUN_ID.match(self.run_id):  # it names directories under OUTPUT
             raise ValueError(f"run id {self.run_id!r} must match {RUN_ID.pattern}")
+        if self.features_on not in FEATURES_ON:
+            raise ValueError(f"features_on must be one of {FEATURES_ON}, got {self.features_on!r}")
 
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -101,14 +104,15 @@ def model_stages(cfg: TagJobConfig, plan: ResourcePlan, table_precision: str | N
     ast_fb = AstFbankConfig.from_pretrained(cfg.ast_model)
     clap_mel = ClapMelConfig.from_pretrained(cfg.clap_model)
     featurize = FeaturizeConfig(windows=WindowConfig(hop_s=cfg.hop_s), ast=ast_fb, clap=clap_mel,
-                                windows_per_block=cfg.windows_per_block)
+                                windows_per_block=cfg.windows_per_block, features_on=cfg.features_on)
+    on_actors = cfg.features_on == "gpu"
     micro_batch = cfg.micro_batch or plan.micro_batch
     precision = (table_precision if cfg.precision == "auto" and table_precision else
                  resolve_precision(cfg.precision, plan.gpus_per_actor > 0))
     tagger = TaggerConfig(cfg.ast_model, ast_fb.max_length, ast_fb.num_mel_bins, micro_batch,
-                          plan.ast_threads, precision)
+                          plan.ast_threads, precision, ast_fb if on_actors else None)
     embedder = EmbedderConfig(cfg.clap_model, (clap_mel.channels, clap_mel.num_frames, clap_mel.num_mel_bins),
-                              micro_batch, plan.clap_threads, precision)
+                              micro_batch, plan.clap_threads, precision, clap_mel if on_actors else None)
     return ModelStages(featurize, tagger, embedder)
 
 
@@ -217,7 +221,7 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
         if not ray.is_initialized():
             ray.init()
         summary = RunSummary(cfg.run_id, cfg.max_error_rate)
-        plan = plan_resources(node_shapes(), cfg.num_gpus, cfg.ast_actors, cfg.clap_actors)
+        plan = plan_resources(node_shapes(), cfg.num_gpus, cfg.ast_actors, cfg.clap_actors, cfg.features_on)
         delta.recover(cfg.output)
         clips = delta.open_table(cfg.output, "clips")
         table = delta.table_settings_values(clips) if clips is not None else None

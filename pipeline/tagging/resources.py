@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 log = logging.getLogger(__name__)
 
 
+# CPU side per clip with features on the CPU / with them on the GPU, measured (benchmarks.cpu_cost)
+GPU_MODE_SPEEDUP = 2.0
 # Dense fp16/bf16 tensor peak, TFLOP/s, from the vendors' spec sheets, by Ray accelerator type.
 GPU_PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 70.0, "A100": 312.0, "H100": 989.0}
 # Achieved fraction of peak, measured (issue 13, one H100, random-weight full-size models): weights cast
@@ -33,7 +35,10 @@ FLOPS_PER_WINDOW = 218.5e9         # AST base 206.7 G + CLAP HTSAT-tiny audio 11
 # Ray's ~0.14 of a core that a busier node spreads thinner): ~43 ms per clip at that node's floor, 23 per
 # core-second; 20 leaves room for the model actors' host work (staging copies), not measured on a GPU.
 # Not the one-thread feature rate: Ray, the decoder child, copies and the driver cost CPU too.
-FEATURE_WINDOWS_PER_CORE = 20.0
+# --features-on gpu leaves decode, downmix and the two resamples on the CPU: the rate there is this one
+# times the ratio of the two modes' CPU sides measured on one machine in one session (benchmarks.cpu_cost
+# --features-on cpu / gpu; BENCHMARKS.md, "Features on the GPU").
+FEATURE_WINDOWS_PER_CORE = {"cpu": 20.0, "gpu": 20.0 * GPU_MODE_SPEEDUP}
 CPU_BATCH, GPU_BATCH = 32, 256     # windows per model actor call
 CPU_MICRO, GPU_MICRO = 1, 128      # windows per forward pass: on CPU 1 is as fast as any and never pads;
                                    # on a GPU 128 reaches the model-only bound (issue 13: 8 gave a third)
@@ -42,12 +47,13 @@ MAX_THREADS = 8                    # torch threads per AST actor on CPU; more ac
 FEATURIZE_RESERVE = 32             # keep one logical CPU per this many free for featurize tasks
 
 
-def cores_per_gpu(accelerator: str) -> float | None:
-    """CPU cores that keep one GPU of this type busy with features, or None if the type is unknown."""
+def cores_per_gpu(accelerator: str, features_on: str = "cpu") -> float | None:
+    """CPU cores that keep one GPU of this type busy with features computed where `features_on` says
+    ("cpu": featurize tasks; "gpu": the model actors), or None if the type is unknown."""
     peak = GPU_PEAK_TFLOPS.get(accelerator)
     if peak is None:
         return None
-    return peak * 1e12 * GPU_MFU / FLOPS_PER_WINDOW / FEATURE_WINDOWS_PER_CORE
+    return peak * 1e12 * GPU_MFU / FLOPS_PER_WINDOW / FEATURE_WINDOWS_PER_CORE[features_on]
 
 
 class PlacementError(RuntimeError):
@@ -80,12 +86,13 @@ def node_shapes() -> list[dict]:
 
 
 def plan_resources(cluster: dict | list[dict], num_gpus: str | float = "auto", ast_actors: int | None = None,
-                   clap_actors: int | None = None) -> ResourcePlan:
+                   clap_actors: int | None = None, features_on: str = "cpu") -> ResourcePlan:
     """Plan from the nodes' shapes (`node_shapes()`), or from one dict of resources taken as one node.
 
     `num_gpus` is 'auto', 0, or a per-actor GPU fraction. Every actor's request fits on some node, and
     whichever nodes Ray puts the actors on, one whole CPU stays free for featurize tasks on some node;
-    otherwise PlacementError says why.
+    otherwise PlacementError says why. `features_on` (where features are computed) only sizes the
+    warning for a GPU cluster with too few cores per GPU, which names --features-on gpu when it helps.
     """
     nodes = [cluster] if isinstance(cluster, dict) else [n for n in cluster if n.get("CPU", 0) or n.get("GPU", 0)]
     if not nodes:
@@ -110,7 +117,7 @@ def plan_resources(cluster: dict | list[dict], num_gpus: str | float = "auto", a
     else:
         plan = _gpu_plan(nodes, share, ast_actors, clap_actors)
         totals = {k: v for n in nodes for k, v in n.items() if k.startswith("accelerator_type:")}
-        _warn_if_cpu_starved(totals, total_cpus, total_gpus)
+        _warn_if_cpu_starved(totals, total_cpus, total_gpus, features_on)
     log.info("resource plan: %s", plan)
     return plan
 
@@ -204,12 +211,18 @@ def _shortfall(nodes: list[dict], need: str) -> str:
     return f"cannot place the job on this cluster: {need}; nodes: {shapes}"
 
 
-def _warn_if_cpu_starved(cluster: dict, total_cpus: float, total_gpus: float) -> None:
+def _warn_if_cpu_starved(cluster: dict, total_cpus: float, total_gpus: float, features_on: str = "cpu") -> None:
     for key in cluster:
         if key.startswith("accelerator_type:"):
             accelerator = key.split(":", 1)[1]
-            needed = cores_per_gpu(accelerator)
-            if needed and total_cpus / total_gpus < needed:
-                log.warning("%g CPUs for %g %s GPUs: features for one GPU need about %.0f cores "
-                            "(BENCHMARKS.md, GPU sizing); the GPUs will wait on the CPU stage",
-                            total_cpus, total_gpus, accelerator, needed)
+            needed = cores_per_gpu(accelerator, features_on)
+            if not needed or total_cpus / total_gpus >= needed:
+                continue
+            advice = ""
+            if features_on == "cpu":
+                on_gpu = cores_per_gpu(accelerator, "gpu")
+                advice = (f"; --features-on gpu computes the features on the GPUs and needs about {on_gpu:.0f} "
+                          f"cores per GPU" + (" (enough here)" if total_cpus / total_gpus >= on_gpu else ""))
+            log.warning("%g CPUs for %g %s GPUs: with --features-on %s one GPU needs about %.0f cores to keep it "
+                        "busy (BENCHMARKS.md, GPU sizing); the GPUs will wait on the CPU stage%s",
+                        total_cpus, total_gpus, accelerator, features_on, needed, advice)
