@@ -16,7 +16,7 @@ started the same processes (all pairs, with a warning, if none did).
 
 CPU side (what a GPU node's CPUs do per clip):
 - cpu mode: min(machine, process tree) less the tiny models' one-thread forward pass per window;
-- gpu mode: machine less the model actors' (ast_actor, clap_actor) marginal process-tree CPU.
+- gpu mode: min(machine, process tree) less the model actors' (ast_actor, clap_actor) marginal process-tree CPU.
 Both modes also report process tree less the model actors.
 
 The floor, timed in this process on one thread, clip by clip (median CPU time), before the job runs and
@@ -26,7 +26,7 @@ Alongside: `floor_one_resample` (benchmarks/features.py's floor), `floor_no_fft`
 resamples), our Featurize in-process for the mode (no Ray, no child process), the tiny models per
 window, and the object-store bytes per window of Featurize's output tables.
 
-Usage: python -m benchmarks.cpu_cost [--features-on cpu|gpu] [--sizes 64 320] [--pairs 3]
+Usage: python -m benchmarks.cpu_cost [--features-on cpu|gpu] [--sizes 40 800] [--pairs 3]
        [--floor-clips 16] [--warm 2] [--out benchmarks/results/cpu_cost_{mode}.json]
 """
 
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features-on", choices=MODES, default="cpu",
                    help="cpu: workers compute the features; gpu: workers ship waveforms, model actors featurize")
-    p.add_argument("--sizes", type=int, nargs=2, default=[64, 320])
+    p.add_argument("--sizes", type=int, nargs=2, default=[40, 800])
     p.add_argument("--pairs", "--repeats", dest="pairs", type=int, default=3,
                    help="interleaved (small, large) pairs of runs; median and range over pairs")
     p.add_argument("--floor-clips", type=int, default=16)
@@ -292,7 +292,7 @@ def pair_figures(pair: dict, small: int, large: int, floor_ms: float, models_ms:
     actors = sum(v for k, v in split.items() if k in MODEL_ROLES)
     featurize = sum(v for k, v in split.items() if k in FEATURIZE_ROLES)
     ray_ms = sum(v for k, v in split.items() if k not in FEATURIZE_ROLES + MODEL_ROLES)
-    cpu_side = min(machine, tree) - models_ms if mode == "cpu" else machine - actors
+    cpu_side = min(machine, tree) - (models_ms if mode == "cpu" else actors)
     steady = (large - small) / (l["wall_s"] - s["wall_s"])
     return {"machine": machine, "process_tree": tree, "model_actors": actors, "tree_minus_actors": tree - actors,
             "cpu_side": cpu_side, "ratio_cpu_side_over_floor": cpu_side / floor_ms, "featurize": featurize,
@@ -338,7 +338,7 @@ def summarise(pairs: list[dict], small: int, large: int, before: dict, after: di
         **{k: v["median"] for k, v in headline.items()},
         "range": {k: [v["min"], v["max"]] for k, v in headline.items()},
         "cpu_side_definition": ("min(machine, process tree) - tiny models' one-thread forward pass per window"
-                                if mode == "cpu" else "machine - model actors' process-tree CPU"),
+                                if mode == "cpu" else "min(machine, process tree) - model actors' process-tree CPU"),
         "ratio_machine_over_floor": round(headline["marginal_core_ms_per_clip_machine"]["median"] / floor_ms, 3),
         "ratio_process_tree_over_floor": round(headline["marginal_core_ms_per_clip_process_tree"]["median"]
                                                / floor_ms, 3),
@@ -355,8 +355,8 @@ def summarise(pairs: list[dict], small: int, large: int, before: dict, after: di
         "pairs_used": len(used),
         "pairs_matched": sum(matched),
         "process_starts_matched": any(matched),
-        "pair_runs": [{"matched": m, "figures": _rounded(f), "small": _rounded(p["small"]), "large": _rounded(p["large"])}
-                      for p, f, m in zip(pairs, figures, matched)],
+        "pair_runs": [{"matched": m, "figures": _rounded(f), "small": _rounded(p["small"]),
+                       "large": _rounded(p["large"])} for p, f, m in zip(pairs, figures, matched)],
     }
 
 
@@ -384,7 +384,7 @@ def report(result: dict) -> None:
     row("  model actors (ast_actor, clap_actor)", "model_actors_ms_per_clip")
     row("  process tree less the model actors", "tree_minus_actors_ms_per_clip")
     row("CPU side: " + ("less the tiny models (1 thread)" if r["features_on"] == "cpu"
-                        else "machine less the model actors"), "cpu_side_ms_per_clip")
+                        else "less the model actors' processes"), "cpu_side_ms_per_clip")
     row("featurize: task workers + decoder children", "featurize_ms_per_clip")
     row("Ray processes and the driver", "ray_and_driver_ms_per_clip")
     print(f"{'floor (decode + 2 resamples + bare FFTs)':<46}{floor:>9.2f}"

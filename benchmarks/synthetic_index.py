@@ -60,7 +60,7 @@ def append_synthetic_index(output: str, vectors: np.ndarray, ann: AnnConfig = An
     with pa.memory_map(files.path(entry["meta"])) as source:
         previous = pa.ipc.open_file(source).read_all()
     added = [(pa.Table.from_batches([_synthetic_batch(entry["rows"], len(vectors))]), vectors)]
-    entry = extend_table(writer, files, entry, previous.to_batches(), added, previous.schema, info["dim"], ann)
+    entry = extend_table(writer, files, entry, previous.to_batches(), added, added[0][0].schema, info["dim"], ann)
     n = entry["rows"]
     info.update(rows={t: n for t in TABLES}, live={t: n for t in TABLES}, tables={t: entry for t in TABLES},
                 built_at=time.time())

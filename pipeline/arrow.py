@@ -26,21 +26,6 @@ def to_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return matrix
 
 
-def list_element(column: pa.ChunkedArray | pa.Array, index: int) -> np.ndarray:
-    """Element `index` of every row of a fixed_size_list<float32> column, as float32 (null rows: 0), one
-    chunk at a time: a (rows, width) matrix is never assembled (10M rows of 527 scores: 21 GB)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    out = []
-    for chunk in chunks:
-        width = chunk.type.list_size
-        values = chunk.values.to_numpy(zero_copy_only=False)
-        part = np.array(values[chunk.offset * width:(chunk.offset + len(chunk)) * width][index::width], np.float32)
-        if chunk.null_count:
-            part[~np.asarray(chunk.is_valid())] = 0.0
-        out.append(part)
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
 def blobs_from_rows(rows: np.ndarray, valid: np.ndarray) -> pa.BinaryArray:
     """Binary column whose valid entries are the rows of `rows` (one per True in `valid`, in order) as
     float32 buffers, and whose other entries are null. Zero-copy: the column's data buffer is `rows`."""

@@ -41,13 +41,3 @@ def test_wrong_sizes_and_nulls_are_refused():
         blobs_to_array(blobs_from_rows(rows, [True, False, True]), (3,))
     with pytest.raises(ValueError):
         blobs_to_array(blobs_from_rows(rows, [True, True]), (4,))
-
-
-def test_list_element_reads_one_value_per_row_across_chunks_and_nulls():
-    from pipeline.arrow import fixed_list, list_element
-
-    matrix = np.arange(24, dtype=np.float32).reshape(6, 4)
-    first = fixed_list(matrix[:4], np.array([True, False, True, True]))
-    column = pa.chunked_array([first.slice(1, 3), fixed_list(matrix[4:])])  # an offset chunk, a null row
-    np.testing.assert_array_equal(list_element(column, 2), [0.0, 10.0, 14.0, 18.0, 22.0])
-    np.testing.assert_array_equal(list_element(first, 0), [0.0, 0.0, 8.0, 12.0])

@@ -276,9 +276,15 @@ def test_ann_recall_filters_and_incremental_update(tmp_path):
         assert hit.uri == f"synthetic://{50_000 + i}" and hit.score == pytest.approx(1.0, abs=1e-3)
         hit = Searcher(str(tmp_path), exact_below=1_000).vector(new[i], 1, in_five, segments=True)[0]
         assert hit.uri == f"synthetic://{50_000 + i}"
+    # the label filter reads both score shards (the first build's, kept, and the update's): exact counts
+    assert [s["rows"] for s in info["tables"]["segments"]["scores"]] == [50_000, 2_000]
+    golden = (np.arange(52_000) * 0.6180339887498949) % 1.0
+    high = updated.tables["segments"].mask(Filters(label="synthetic", min_score=0.9), updated.labels)
+    assert high.count == int((golden.astype(np.float32) >= 0.9).sum())
     assert sorted(p.name for p in (tmp_path / "_index").iterdir()) == sorted(
         ["index.json"] + [info["tables"]["segments"][k] for k in ("meta", "ann", "codes")]
-        + [v["file"] for v in info["tables"]["segments"]["vectors"]])  # the replaced generation's files are gone
+        + [v["file"] for v in info["tables"]["segments"]["vectors"] + info["tables"]["segments"]["scores"]])
+    # the replaced generation's files are gone
 
 
 def test_tag_job_zero_shot_matches_clap_logits_per_audio(checkpoints, tmp_path, local_ray):
@@ -324,7 +330,8 @@ def test_index_in_object_storage_loads_lazily(tmp_path, monkeypatch):
             entry = info["tables"]["segments"]
             assert len(entry["vectors"]) == 2 and entry["ann"]
             assert sorted(p.rsplit("/", 1)[1] for p in fsspec.filesystem("s3").ls("indexes/out/_index")) == sorted(
-                ["index.json", entry["meta"], entry["ann"], entry["codes"]] + [v["file"] for v in entry["vectors"]])
+                ["index.json", entry["meta"], entry["ann"], entry["codes"]]
+                + [v["file"] for v in entry["vectors"] + entry["scores"]])
             for cached in (tmp_path / "cache").rglob("*"):  # the writer's own cache: start empty, as a service would
                 if cached.is_file():
                     cached.unlink()
@@ -337,6 +344,11 @@ def test_index_in_object_storage_loads_lazily(tmp_path, monkeypatch):
             filtered = Searcher("s3://indexes/out", exact_below=1_000).vector(  # 1,111 rows: not exact
                 queries[0], 10, Filters(uri_prefix="synthetic://12"), segments=True)
             assert entry["codes"] in {p.name for p in cache.iterdir()}
+            # a label filter reads one label's column of the score shards by ranged reads: no download
+            high = remote.tables["segments"].mask(Filters(label="synthetic", min_score=0.9), remote.labels)
+            golden = ((np.arange(30_000) * 0.6180339887498949) % 1.0).astype(np.float32)
+            assert high.count == int((golden >= 0.9).sum())
+            assert not {s["file"] for s in entry["scores"]} & {p.name for p in cache.iterdir()}
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
     write_synthetic_index(str(tmp_path / "local"), vectors, ann)

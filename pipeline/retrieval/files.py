@@ -2,8 +2,10 @@
 
     index.json                    model, settings hash, Delta versions and shard covered, rows, labels, and per table the
                                   names of its files (below); written last, so it always names complete files
-    {table}-{gen}.arrow           row metadata: clip_id, uri, duration_s, run_id, live, scores (+ segment_index,
+    {table}-{gen}.arrow           row metadata: clip_id, uri, duration_s, run_id, live (+ segment_index,
                                   start_s, end_s for segments); Arrow IPC, memory-mapped
+    {table}-{gen}-s{i}.arrow      the rows' AST label scores, label-major shards (pipeline.retrieval.labels):
+                                  a label filter reads one label's column
     {table}-{gen}.ivfpq           FAISS IVF-PQ over the rows' 128-d projection (ANN id = row number); absent
                                   for small tables
     {table}-{gen}.pq              the same rows' PQ codes in row order (FAISS IndexPQ): filtered queries scan
@@ -33,7 +35,7 @@ from pipeline.retrieval.vectors import VectorStore
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 1: HNSW over float32 vectors in the Arrow files (before issue 15)
+FORMAT = 3  # 1: HNSW over float32 vectors in the Arrow files (before issue 15); 2: scores in the row metadata
 
 
 def index_dir(output: str) -> str:
@@ -79,6 +81,14 @@ class IndexFiles:
                              time.time() - started)
         return local
 
+    def ranged(self, name: str):
+        """A local path to `name` if there is one (a local index, or a cached file), else an open file on
+        the store whose reads are ranged requests (for reading a part of a large file: one label's scores)."""
+        local = os.path.join(self.cache, name)
+        if not self.remote or os.path.exists(local):
+            return local
+        return self.fs.open(f"{self.root}/{name}", "rb", block_size=1 << 20, cache_type="none")
+
     def new_stage(self) -> str:
         base = self.root if not self.remote else None
         if base:
@@ -116,7 +126,7 @@ class IndexFiles:
 def referenced(info: dict) -> list[str]:
     names = []
     for entry in info.get("tables", {}).values():
-        names += [entry["meta"]] + [v["file"] for v in entry["vectors"]]
+        names += [entry["meta"]] + [v["file"] for v in entry["vectors"] + entry.get("scores", [])]
         names += [entry[k] for k in ("ann", "codes") if entry.get(k)]
     return names
 

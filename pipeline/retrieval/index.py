@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from pipeline.retrieval.ann import Ann, AnnConfig, add_rows, build_ann, read_ann
 from pipeline.retrieval.files import FORMAT, IndexFiles, index_dir
+from pipeline.retrieval.labels import ScoreShardWriter
 from pipeline.retrieval.rows import (TABLES, ast_labels, data_metadata, index_parts, index_rows, meta_schema,
                                      ok_clips, row_keys)
 from pipeline.retrieval.vectors import VectorStore, write_shard
@@ -45,21 +46,36 @@ class TableWriter:
         return out
 
     def rows(self, parts: Iterable[tuple[pa.Table, np.ndarray]], schema: pa.Schema,
-             before: Iterable[pa.RecordBatch] = ()) -> Iterator[np.ndarray]:
+             before: Iterable[pa.RecordBatch] = (), first_scores: int = 0) -> Iterator[np.ndarray]:
         """Write the row metadata file as rows stream by: the `before` batches (an earlier generation's
-        rows), then each part's metadata, passing its vectors on (to `shards`). Once exhausted,
-        `meta_name` and `meta_rows` name the file and count its rows."""
+        rows), then each part's metadata, passing its vectors on (to `shards`). `schema` is the parts'
+        (with `scores`); the parts' scores go label-major to a score shard (labels.py) numbered
+        `first_scores`, the rest to the metadata file. Once exhausted, `meta_name` and `meta_rows` name
+        the metadata file and count its rows, `score_shards` lists the new score shard (if any rows)."""
         name, count = f"{self.table}-{self.gen}.arrow", 0
-        with pa.OSFile(os.path.join(self.files.stage, name), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+        meta_schema = schema.remove(schema.get_field_index("scores"))
+        shard_name = f"{self.table}-{self.gen}-s{first_scores:03d}.arrow"
+        scores = None
+        with pa.OSFile(os.path.join(self.files.stage, name), "wb") as sink, \
+                pa.ipc.new_file(sink, meta_schema) as w:
             for batch in before:
                 w.write(batch)
                 count += len(batch)
             for meta, vectors in parts:
-                w.write(meta if meta.schema.equals(schema) else meta.cast(schema))
+                meta = meta if meta.schema.equals(schema) else meta.cast(schema)
+                if len(meta):
+                    if scores is None:
+                        scores = ScoreShardWriter(os.path.join(self.files.stage, shard_name),
+                                                  schema.field("scores").type.list_size)
+                    scores.write(meta.column("scores"))
+                w.write(meta.drop_columns(["scores"]))
                 count += len(meta)
                 if len(vectors):
                     yield vectors
+        if scores is not None:
+            scores.close()
         self.meta_name, self.meta_rows = name, count
+        self.score_shards = [{"file": shard_name, "rows": scores.rows}] if scores is not None else []
 
     def ann_index(self, index: Ann | None) -> dict:
         """Write the ANN's two files; their names for the index.json entry ("ann": IVF-PQ, "codes": flat)."""
@@ -109,16 +125,18 @@ def write_fresh(writer: TableWriter, files: IndexFiles, parts: Iterable[tuple[pa
     log.info("%s: wrote %d rows in %.0f s", writer.table, writer.meta_rows, time.time() - started)
     store = VectorStore([(v["file"], v["rows"]) for v in vectors], dim, fetch=lambda name: os.path.join(files.stage, name))
     index = build_ann(store, ann, timings)
-    return {"rows": writer.meta_rows, "meta": writer.meta_name, **writer.ann_index(index), "vectors": vectors}
+    return {"rows": writer.meta_rows, "meta": writer.meta_name, **writer.ann_index(index), "vectors": vectors,
+            "scores": writer.score_shards}
 
 
 def extend_table(writer: TableWriter, files: IndexFiles, entry: dict, previous: Iterable[pa.RecordBatch],
                  parts: Iterable[tuple[pa.Table, np.ndarray]], schema: pa.Schema, dim: int, ann: AnnConfig) -> dict:
     """A table's files after appending rows: the `previous` metadata batches (live flags updated) then the
-    new parts' rows; the old shards plus new ones; the ANN with the rows added to its lists (trained now
+    new parts' rows; the old vector and score shards plus new ones; the ANN with the rows added to its lists (trained now
     if the table just passed `min_rows`)."""
     previous_rows = entry["rows"]
-    vectors = entry["vectors"] + writer.shards(writer.rows(parts, schema, previous), dim, first=len(entry["vectors"]))
+    vectors = entry["vectors"] + writer.shards(writer.rows(parts, schema, previous, len(entry["scores"])), dim,
+                                               first=len(entry["vectors"]))
     staged = {v["file"] for v in vectors} - {v["file"] for v in entry["vectors"]}
     store = VectorStore([(v["file"], v["rows"]) for v in vectors], dim,
                         fetch=lambda name: os.path.join(files.stage, name) if name in staged else files.path(name))
@@ -129,7 +147,8 @@ def extend_table(writer: TableWriter, files: IndexFiles, entry: dict, previous: 
     else:  # no ANN yet (a small table), or one written before the flat codes: train one now
         index = build_ann(store, ann)
     log.info("%s: %d rows appended in %.1f s", writer.table, len(store) - previous_rows, time.time() - started)
-    return {"rows": writer.meta_rows, "meta": writer.meta_name, **writer.ann_index(index), "vectors": vectors}
+    return {"rows": writer.meta_rows, "meta": writer.meta_name, **writer.ann_index(index), "vectors": vectors,
+            "scores": entry["scores"] + writer.score_shards}
 
 
 def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()) -> dict:
@@ -181,7 +200,7 @@ def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()
         else:
             kept = previous.set_column(previous.schema.get_field_index("live"), "live", pa.array(live))
             info["tables"][table] = extend_table(writer, files, entry, kept.to_batches(),
-                                                 index_parts(batches, before), kept.schema, dim, ann)
+                                                 index_parts(batches, before), schema, dim, ann)
             info["live"][table] = int(live.sum()) + info["tables"][table]["rows"] - len(previous)
         info["rows"][table] = info["tables"][table]["rows"]
     files.publish(info)

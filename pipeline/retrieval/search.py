@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.arrow import list_element
+from pipeline.retrieval.labels import read_label
 from pipeline.store import delta
 from pipeline.retrieval.ann import AnnConfig, project
 from pipeline.retrieval.files import fetch_index, store_of
@@ -89,6 +89,7 @@ class _Table:
         self._ann_path = files.path(entry["ann"]) if entry["ann"] else None
         self._ann = None
         self._files, self._codes_name = files, entry.get("codes")
+        self._score_shards = entry["scores"]
         self._codes = None
         self._lock = threading.Lock()
         self._masks: OrderedDict = OrderedDict()
@@ -147,14 +148,15 @@ class _Table:
         return found
 
     def _label_scores(self, label: int) -> np.ndarray:
-        """One label's score per row, read a record batch at a time with plain reads rather than through
-        the memory map: rows hold every label's score (527 x 4 B), so reading one label through the map
-        would leave every page of the scores resident in this process (21 GB at 10M windows)."""
-        with pa.OSFile(self._meta_path) as source:
-            reader = pa.ipc.open_file(source)
-            parts = [list_element(reader.get_batch(i).column("scores"), label)
-                     for i in range(reader.num_record_batches)]
-        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        """One label's score per row, from the label-major score shards (labels.py): that label's column
+        only, 4 B a row."""
+        sources = [self._files.ranged(shard["file"]) for shard in self._score_shards]
+        try:
+            return read_label(sources, label)
+        finally:
+            for source in sources:
+                if not isinstance(source, str):
+                    source.close()
 
     def _keep(self, filters: Filters, labels: list[str]) -> np.ndarray:
         keep = self.live.copy()
