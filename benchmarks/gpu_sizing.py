@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                    help="achieved fraction of peak FLOP/s "
                         "(default: pipeline.tagging.resources.GPU_MFU, measured on an H100)")
     p.add_argument("--features", default="benchmarks/results/features.json")
-    p.add_argument("--cpu-cost", default="benchmarks/results/cpu_cost_cpu.json",
+    p.add_argument("--cpu-cost", default="benchmarks/results/cpu_cost_cpu_run1.json",
                    help="python -m benchmarks.cpu_cost's result: the job's CPU side per clip (column 'job')")
     p.add_argument("--out", default="benchmarks/results/gpu_sizing.json")
     args = p.parse_args(argv)

@@ -90,12 +90,12 @@ def _cpu_times() -> tuple[int, int]:
     return sum(v) - v[3] - v[4], sum(v)
 
 
-def run_job(models: dict, audio: Path, out: Path, precision: str) -> tuple[float, dict]:
+def run_job(models: dict, audio: Path, out: Path, precision: str, features_on: str = "cpu") -> tuple[float, dict]:
     from pipeline.tagging.job import TagJobConfig, run_tag_job
 
     started = time.perf_counter()
     summary = run_tag_job(TagJobConfig(input=str(audio), output=str(out), ast_model=models["ast"],
-                                       clap_model=models["clap"], precision=precision))
+                                       clap_model=models["clap"], precision=precision, features_on=features_on))
     if summary["ok"] != summary["files_seen"]:
         raise RuntimeError(f"benchmark job left error rows: {summary}")
     return time.perf_counter() - started, summary
@@ -256,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--files", type=int, default=6000 if gpu else 48)
     p.add_argument("--size", choices=["full", "tiny"], default="full" if gpu else "tiny")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--features-on", default="cpu", choices=["cpu", "gpu"],
+                   help="the job's mode: features in CPU tasks, or in the model actors on their GPU")
     p.add_argument("--loader-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--loader-batch", type=int, default=64 if gpu else 8, help="the DataLoader script's batch")
     p.add_argument("--bound-windows", type=int, default=2048 if gpu else 16)
@@ -283,12 +285,12 @@ def main(argv=None) -> int:
                   {"ast": str(build_tiny_ast(root / "models" / "ast")),
                    "clap": str(build_tiny_clap(root / "models" / "clap"))})
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        result = {"files": args.files, "size": args.size, "precision": args.precision}
+        result = {"files": args.files, "size": args.size, "precision": args.precision, "features_on": args.features_on}
         if "job" not in args.skip:
-            run_job(models, root / "one", root / "out-cold", args.precision)  # imports, compile caches
-            fixed_s, _ = run_job(models, root / "one", root / "out-one", args.precision)
+            run_job(models, root / "one", root / "out-cold", args.precision, args.features_on)  # imports, compile caches
+            fixed_s, _ = run_job(models, root / "one", root / "out-one", args.precision, args.features_on)
             with Sampler() as s:
-                wall, summary = run_job(models, root / "audio", root / "out-job", args.precision)
+                wall, summary = run_job(models, root / "audio", root / "out-job", args.precision, args.features_on)
             result["job"] = {"wall_s": round(wall, 1), "fixed_s_1_file": round(fixed_s, 1),
                              "whole_clips_per_s": round(args.files / wall, 2),
                              "steady_clips_per_s": round((args.files - 1) / max(wall - fixed_s, 1e-9), 2),

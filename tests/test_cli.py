@@ -80,8 +80,10 @@ def test_bad_arguments_are_usage_errors_before_ray_starts():
     """Each default is shown once (none as "None"); bad values exit 2 with argparse's message, at once."""
     helptext = _run("jobs.tag", "--help").stdout
     assert "(default: None)" not in helptext and "input and output:" in helptext
+    assert "--features-on {cpu,gpu}" in helptext
     for flag, value, message in (("--num-gpus", "lots", "GPU share"), ("--hop", "20", "at most 10"),
-                                 ("--top-k", "0", "positive"), ("--max-error-rate", "2", "fraction")):
+                                 ("--top-k", "0", "positive"), ("--max-error-rate", "2", "fraction"),
+                                 ("--features-on", "tpu", "invalid choice")):
         proc = _run("jobs.tag", "--input", "x", "--output", "y", flag, value, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (flag, proc.stderr[-500:])
 

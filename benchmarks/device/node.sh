@@ -3,7 +3,7 @@
 # bundle.sh built, then run the one-node benchmark (the job, the model-only bound and the DataLoader
 # script on the same corpus) and put its result and logs under $OUT. Arguments go to benchmarks.node
 # (default there with CUDA: 6,000 files, full-size models, precision auto).
-# Usage: bash benchmarks/device/node.sh [--files 6000] [--skip dataloader] ...
+# Usage: bash benchmarks/device/node.sh [--files 6000] [--skip dataloader] [--features-on gpu] ...
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/site "$OUT"

@@ -20,8 +20,10 @@ from dataclasses import dataclass, replace
 log = logging.getLogger(__name__)
 
 
-# CPU side per clip with features on the CPU / with them on the GPU, measured (benchmarks.cpu_cost)
-GPU_MODE_SPEEDUP = 2.0
+# CPU side per clip with features on the CPU / with them on the GPU: 27.6 / 20.7 and 35.3 / 25.6 ms in two
+# interleaved pairs of `benchmarks.cpu_cost` runs (3 run pairs each; cpu_cost_{cpu,gpu}_run{1,2}.json),
+# 1.33 and 1.38: decode and the resamples stay on the CPU and are most of what is left
+GPU_MODE_SPEEDUP = 1.35
 # Dense fp16/bf16 tensor peak, TFLOP/s, from the vendors' spec sheets, by Ray accelerator type.
 GPU_PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 70.0, "A100": 312.0, "H100": 989.0}
 # Achieved fraction of peak, measured (issue 13, one H100, random-weight full-size models): weights cast
