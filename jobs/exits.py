@@ -11,7 +11,7 @@ from typing import Any
 class Exit(enum.IntEnum):
     OK = 0          # every listed file has its row and the run is committed
     BROKEN = 1      # committed, but plainly broken (all transient errors, or over --max-error-rate)
-    USAGE = 2       # bad arguments (argparse's own status)
+    USAGE = 2       # bad arguments (argparse's own status), or a model checkpoint that cannot be loaded
     OUTPUT = 3      # OUTPUT cannot be written or its tables disagree; earlier shards stay committed
     HELD = 4        # another run holds OUTPUT's lease (or this run lost it): retry later
     PLACEMENT = 5   # the cluster cannot hold the plan (resource named in the message)
@@ -21,6 +21,7 @@ class Exit(enum.IntEnum):
 
 def status_of(error: BaseException) -> Exit | None:
     """The exit status for an expected failure of a job, None for a bug (which should fail loudly)."""
+    from pipeline.checkpoints import CheckpointError
     from pipeline.store.delta import LedgerError
     from pipeline.store.lease import LeaseError
     from pipeline.store.writer import OutputError
@@ -29,7 +30,8 @@ def status_of(error: BaseException) -> Exit | None:
     from pipeline.tagging.sources import InputError
 
     for kind, status in ((LeaseError, Exit.HELD), (OutputError, Exit.OUTPUT), (LedgerError, Exit.OUTPUT),
-                         (PlacementError, Exit.PLACEMENT), (SettingsChanged, Exit.SETTINGS), (InputError, Exit.INPUT)):
+                         (PlacementError, Exit.PLACEMENT), (SettingsChanged, Exit.SETTINGS), (InputError, Exit.INPUT),
+                         (CheckpointError, Exit.USAGE)):
         if isinstance(error, kind):
             return status
     return None

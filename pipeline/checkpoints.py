@@ -6,6 +6,7 @@ A source is a hub id (`MIT/ast-finetuned-audioset-10-10-0.4593`), a local direct
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -92,10 +93,29 @@ def _remove_tree(path: Path) -> None:
     path.rmdir()
 
 
+class CheckpointError(ValueError):
+    """A model source that cannot be loaded: missing, unreadable, not a checkpoint of the expected kind,
+    or without safetensors weights. Raised before any work starts (jobs exit 2, README)."""
+
+
+@contextlib.contextmanager
+def loading(kind: str, source: str):
+    """Turn the loaders' errors for `source` into one CheckpointError naming it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot load the {kind} checkpoint {source!r}: {reason}") from e
+
+
 def describe(source: str) -> ModelInfo:
     """Identify a checkpoint (as named by the user) without loading its weights."""
     local = resolve(source)
     config = model_config(source)
+    if os.path.isdir(local) and not any(n.endswith(".safetensors") for n in os.listdir(local)):
+        raise CheckpointError(f"the checkpoint {source!r} has no .safetensors weights (only safetensors load)")
     if os.path.isdir(local):
         revision = "sha256:" + _weights_digest(local)
         untrained = os.path.exists(os.path.join(local, "UNTRAINED.txt"))

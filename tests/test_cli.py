@@ -88,6 +88,27 @@ def test_bad_arguments_are_usage_errors_before_ray_starts():
         assert proc.returncode == 2 and message in proc.stderr, (flag, proc.stderr[-500:])
 
 
+def test_an_unloadable_checkpoint_is_one_line_and_exit_2(checkpoints, tmp_path):
+    """A model source that is not there, or a checkpoint without safetensors weights: exit 2, one line
+    naming the source, before any file is read."""
+    import shutil
+
+    from tests.audio import encode, signal
+
+    no_weights = tmp_path / "ast-no-weights"
+    shutil.copytree(checkpoints["ast"], no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    (audio / "a.wav").write_bytes(encode(signal(1.0, 16_000), 16_000, "WAV"))
+    for source, message in ((tmp_path / "missing", "cannot load the AST checkpoint"),
+                            (no_weights, "has no .safetensors weights")):
+        proc = _run("jobs.tag", "--input", str(audio), "--output", str(tmp_path / "out"),
+                    "--ast-model", str(source), "--clap-model", checkpoints["clap"], timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and str(source) in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "clips").exists()
+
+
 def test_bad_input_is_one_line_and_exit_7(checkpoints, tmp_path):
     """A manifest without a uri column, and an input that lists nothing: one clear line, exit 7."""
     manifest = tmp_path / "files.csv"

@@ -26,7 +26,7 @@ from pipeline.store import delta, faults
 from pipeline.store.settings import check_settings
 from pipeline.store.lease import Lease
 from pipeline.store.ledger import committed_identity, not_transient
-from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, model_config
+from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, loading, model_config
 from pipeline.models.device import resolve_precision
 from pipeline.models.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.audio.features_ast import AstFbankConfig
@@ -101,8 +101,10 @@ class ModelStages:
 def model_stages(cfg: TagJobConfig, plan: ResourcePlan, table_precision: str | None = None) -> ModelStages:
     """The stages' configs; `auto` precision takes the table's (`table_precision`) when there is one, so
     the cluster's shape on the night of a run (a GPU node not up yet) never changes the settings."""
-    ast_fb = AstFbankConfig.from_pretrained(cfg.ast_model)
-    clap_mel = ClapMelConfig.from_pretrained(cfg.clap_model)
+    with loading("AST", cfg.ast_model):
+        ast_fb = AstFbankConfig.from_pretrained(cfg.ast_model)
+    with loading("CLAP", cfg.clap_model):
+        clap_mel = ClapMelConfig.from_pretrained(cfg.clap_model)
     featurize = FeaturizeConfig(windows=WindowConfig(hop_s=cfg.hop_s), ast=ast_fb, clap=clap_mel,
                                 windows_per_block=cfg.windows_per_block, features_on=cfg.features_on)
     on_actors = cfg.features_on == "gpu"
@@ -187,7 +189,11 @@ def run_metadata(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan) -> 
     and the device are not settings: results are batch-independent, and fp32 on a GPU matches fp32 on CPU,
     within the parity bounds (a few ulps); they are recorded in `compute`."""
     features = {"featurize": _jsonable(asdict(stages.featurize))}
-    models = {"ast": describe(cfg.ast_model).to_dict(), "clap": describe(cfg.clap_model).to_dict()}
+    with loading("AST", cfg.ast_model):
+        ast = describe(cfg.ast_model).to_dict()
+    with loading("CLAP", cfg.clap_model):
+        clap = describe(cfg.clap_model).to_dict()
+    models = {"ast": ast, "clap": clap}
     values = {"features": features, "models": models, "top_k": cfg.top_k, "schema": SCHEMA_VERSION,
               "precision": stages.tagger.precision,
               "zero_shot": [list(cfg.zero_shot_labels), cfg.zero_shot_prompt] if cfg.zero_shot_labels else None}
