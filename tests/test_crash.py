@@ -41,6 +41,8 @@ def test_kills_at_every_commit_step_then_a_clean_rerun_equal_one_clean_run(check
         status, _, stderr = tag(manifest, out, checkpoints, run_id, *shards, *extra, fault=fault)
         assert status == -9, f"{fault}: {stderr}"
         assert_consistent(out)
+        if run_id == "a":
+            _assert_index_holds_the_windows_of_clip_rows_only(out)
     (tmp_path / "in" / "f2.wav").write_bytes(encode(signal(3.0, 16_000, seed=98), 16_000, "WAV"))
     shards = (*shards, "--hop", "5")
     status, summary, stderr = tag(manifest, out, checkpoints, "clean", *shards)
@@ -52,6 +54,20 @@ def test_kills_at_every_commit_step_then_a_clean_rerun_equal_one_clean_run(check
     status, _, stderr = tag(manifest, reference, checkpoints, "ref", *shards)
     assert status == 0, stderr
     assert_same_results(out, reference)
+
+
+def _assert_index_holds_the_windows_of_clip_rows_only(out):
+    """Killed after a shard's windows were committed and before its clip rows: an index built now holds
+    the committed clip rows and their windows, not the shard's windows that have no clip row yet."""
+    from pipeline.retrieval.index import build_index
+    from tests.crash import plain_tables
+
+    info = build_index(str(out))
+    clips, segments = plain_tables(out)
+    ok = clips[clips.status == "ok"]
+    joined = segments.merge(ok[["clip_id", "run_id"]], on=["clip_id", "run_id"])
+    assert 0 < len(joined) < len(segments)   # the half-committed shard's windows are in the table
+    assert (info["rows"]["segments"], info["rows"]["clips"]) == (len(joined), len(ok))
 
 
 def test_a_second_run_is_refused_at_once_while_the_output_is_held(checkpoints, tmp_path):

@@ -37,25 +37,32 @@ def current_batches(output: str, table: str, settings_hash: str, columns: list[s
 
 
 def ok_clips(output: str, settings_hash: str) -> pa.Table:
-    """clip_id and duration_s of the current clips whose status is ok (~50 B a file)."""
-    parts = list(index_rows(output, "clips", settings_hash, None, ["clip_id", "duration_s"]))
-    return pa.concat_tables(parts) if parts else pa.table({"clip_id": pa.array([], pa.string()),
-                                                           "duration_s": pa.array([], pa.float64())})
+    """clip_id, run_id and duration_s of the current clips whose status is ok (~60 B a file)."""
+    parts = list(index_rows(output, "clips", settings_hash, None, ["clip_id", "run_id", "duration_s"]))
+    return pa.concat_tables(parts) if parts else pa.table({
+        "clip_id": pa.array([], pa.string()), "run_id": pa.array([], pa.string()),
+        "duration_s": pa.array([], pa.float64())})
 
 
 def index_rows(output: str, table: str, settings_hash: str, ok: pa.Table | None,
                columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The rows an index table holds, as tables of COLUMNS[table] (or `columns` of them) + duration_s for
-    segments (from `ok`, see `ok_clips`): clips whose status is ok, and the windows of the current clips."""
+    segments (from `ok`, see `ok_clips`): clips whose status is ok, and the windows of those clip rows
+    (joined on clip_id and run_id: windows a half-committed shard added before its clip rows, which the
+    next run's recovery commits or replaces, are left out until then)."""
     full, columns = columns is None, columns or COLUMNS[table]
-    wanted = columns + (["status"] if table == "clips" else [])
+    wanted = columns + (["status"] if table == "clips" else [c for c in ("clip_id", "run_id") if c not in columns])
+    ok_keys = row_keys(ok) if table == "segments" else None
     for batch in current_batches(output, table, settings_hash, wanted):
         rows = pa.Table.from_batches([batch])
         if table == "clips":
             rows = rows.filter(pc.equal(rows.column("status"), "ok")).select(columns)
-        elif full:
-            where = pc.index_in(rows.column("clip_id"), value_set=ok.column("clip_id").combine_chunks())
-            rows = rows.append_column("duration_s", ok.column("duration_s").take(where))
+        else:
+            where = pc.index_in(row_keys(rows), value_set=ok_keys)
+            rows = rows.filter(pc.is_valid(where))
+            if full:
+                rows = rows.append_column("duration_s", ok.column("duration_s").take(where.filter(pc.is_valid(where))))
+            rows = rows.select(columns + (["duration_s"] if full else []))
         if len(rows):
             yield rows
 
