@@ -7,8 +7,12 @@ of real collections have low intrinsic dimension; uniform random vectors would m
 They are generated and written in blocks, so N can exceed memory. Build, exact ground truth, ANN search
 and the update each run in a fresh process, so each peak RSS (VmHWM) is its own.
 
+Queries come from the rows' distribution, or (`--query-kind shifted`) from another one, our model of the
+text-audio modality gap (`synthetic_queries`).
+
 Usage: python -m benchmarks.search --n 1000000 [--queries 200] [--nprobe 128 256] [--rerank 10 30]
-       [--data /work/bench-data] [--keep] [--reuse] [--update 100000] [--out benchmarks/results/search.json]
+       [--query-kind rows|shifted] [--data /work/bench-data] [--keep] [--reuse] [--update 100000]
+       [--out benchmarks/results/search.json]
 """
 
 from __future__ import annotations
@@ -51,9 +55,29 @@ def synthetic_blocks(n: int, dim: int = 512, latent: int = 48, seed: int = 0, bl
         yield rows[max(0, first - start):]
 
 
-def synthetic_queries(count: int, dim: int = 512, latent: int = 48, seed: int = 0) -> np.ndarray:
+QUERY_KINDS = ("rows", "shifted")
+
+
+def synthetic_queries(count: int, dim: int = 512, latent: int = 48, seed: int = 0, kind: str = "rows") -> np.ndarray:
+    """Queries from the rows' distribution ("rows": the latent part only), or from another one ("shifted"),
+    our model of CLAP's modality gap between text and audio: the same latent part (what a query and its
+    matches share), plus a common offset (the text cone: a fixed unit direction carrying half of each
+    query's norm, so matched pairs' cosines sit far below 1) and noise with a power-law spectrum (i^-1 over
+    the 512 directions of a random basis) instead of the rows' isotropic noise."""
     rng = np.random.default_rng([seed, -1 % 2**32])
     queries = rng.standard_normal((count, latent)).astype(np.float32) @ _mixing(seed, dim, latent)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    if kind == "shifted":
+        gap = np.random.default_rng([seed, 7])
+        offset = gap.standard_normal(dim).astype(np.float32)
+        basis, _ = np.linalg.qr(gap.standard_normal((dim, dim)))
+        spectrum = 1.0 / np.arange(1, dim + 1)
+        noise = (rng.standard_normal((count, dim)) * np.sqrt(spectrum / spectrum.sum())) @ basis.T
+        queries = queries + 0.6 * noise.astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        queries += offset / np.linalg.norm(offset)
+    elif kind != "rows":
+        raise ValueError(f"query kind must be one of {QUERY_KINDS}")
     return queries / np.linalg.norm(queries, axis=1, keepdims=True)
 
 
@@ -182,9 +206,9 @@ def _update(out: str, n: int, added: int, ann: AnnConfig) -> dict:
 
 def measure(n: int, queries: int, ann: AnnConfig, settings: list[tuple[int, int]], data: str | None,
             keep: bool, reuse: bool, update: int, filters: list[str] | None = None,
-            filter_exponent: float = AnnConfig.filter_probe_exponent) -> dict:
+            filter_exponent: float = AnnConfig.filter_probe_exponent, query_kind: str = "rows") -> dict:
     out = os.path.join(data, f"search-{n}") if data else tempfile.mkdtemp(prefix="search-bench-")
-    qs = synthetic_queries(queries)
+    qs = synthetic_queries(queries, kind=query_kind)
     try:
         built = {}
         if not (reuse and os.path.exists(os.path.join(out, "_index", "index.json"))):
@@ -194,7 +218,7 @@ def measure(n: int, queries: int, ann: AnnConfig, settings: list[tuple[int, int]
         searched = _in_child(_search, out, qs, truth["truth"], 10, settings, filter_exponent)
         size = sum(f.stat().st_size for f in Path(out, "_index").iterdir())
         updated = _in_child(_update, out, n, update, ann) if update else {}
-        return {"n": n, "dim": 512, "queries": queries, **built, "index_gb": round(size / 2**30, 2),
+        return {"n": n, "dim": 512, "queries": queries, "query_kind": query_kind, **built, "index_gb": round(size / 2**30, 2),
                 "exact_ms_median": round(float(np.median(truth["exact_ms"])), 1), "exact_queries": len(truth["exact_ms"]),
                 "exact_memory_gb": truth["exact_memory_gb"], **{k: v for k, v in searched.items()}, **updated,
                 "ann": asdict(ann)}
@@ -219,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--filter-exponent", type=float, default=AnnConfig.filter_probe_exponent,
                    help="a filter keeping a fraction f of rows scans f ** -this times the lists")
     p.add_argument("--threads", type=int, help="faiss OpenMP threads (default: one per core)")
+    p.add_argument("--query-kind", default="rows", choices=QUERY_KINDS,
+                   help="queries from the rows' distribution, or shifted (a modeled text-audio modality gap)")
     p.add_argument("--out", default="benchmarks/results/search.json")
     args = p.parse_args(argv)
     THREADS["faiss"] = args.threads
@@ -226,7 +252,7 @@ def main(argv=None) -> int:
     ann = AnnConfig(nlist=args.nlist, project_dim=args.project_dim)
     settings = [(a, b) for a in args.nprobe for b in args.rerank]
     results = [measure(n, args.queries, ann, settings, args.data, args.keep, args.reuse, args.update,
-                       args.filters, args.filter_exponent) for n in args.n]
+                       args.filters, args.filter_exponent, args.query_kind) for n in args.n]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
