@@ -43,14 +43,26 @@ def _mixing(seed: int, dim: int, latent: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((latent, dim)).astype(np.float32)
 
 
+def _power_law(rng, count: int, dim: int, basis_seed: int) -> np.ndarray:
+    """Gaussian rows with a power-law spectrum (variance i^-1 along the i-th direction of a random basis)."""
+    basis, _ = np.linalg.qr(np.random.default_rng([basis_seed, 11]).standard_normal((dim, dim)))
+    spectrum = 1.0 / np.arange(1, dim + 1)
+    return ((rng.standard_normal((count, dim)) * np.sqrt(spectrum / spectrum.sum())) @ basis.T).astype(np.float32)
+
+
 def synthetic_blocks(n: int, dim: int = 512, latent: int = 48, seed: int = 0, block: int = 100_000, first: int = 0):
-    """Rows first..n-1 of the synthetic set, in blocks (row i is the same whatever `first` and `block`)."""
-    mixing = _mixing(seed, dim, latent)
+    """Rows first..n-1 of the synthetic set, in blocks (row i is the same whatever `first` and `block`):
+    `latent` dimensions mapped to `dim` plus isotropic noise, or (latent 0) a power-law spectrum over all
+    `dim` directions (no low-dimensional shortcut)."""
+    mixing = _mixing(seed, dim, latent) if latent else None
     for start in range(first - first % block, n, block):
         rng = np.random.default_rng([seed, start])
         m = min(block, n - start)
-        rows = rng.standard_normal((m, latent), dtype=np.float32) @ mixing
-        rows += 0.5 * rng.standard_normal((m, dim), dtype=np.float32)
+        if latent:
+            rows = rng.standard_normal((m, latent), dtype=np.float32) @ mixing
+            rows += 0.5 * rng.standard_normal((m, dim), dtype=np.float32)
+        else:
+            rows = _power_law(rng, m, dim, seed)
         rows /= np.linalg.norm(rows, axis=1, keepdims=True)
         yield rows[max(0, first - start):]
 
@@ -65,14 +77,17 @@ def synthetic_queries(count: int, dim: int = 512, latent: int = 48, seed: int = 
     query's norm, so matched pairs' cosines sit far below 1) and noise with a power-law spectrum (i^-1 over
     the 512 directions of a random basis) instead of the rows' isotropic noise."""
     rng = np.random.default_rng([seed, -1 % 2**32])
-    queries = rng.standard_normal((count, latent)).astype(np.float32) @ _mixing(seed, dim, latent)
+    if latent:
+        queries = rng.standard_normal((count, latent)).astype(np.float32) @ _mixing(seed, dim, latent)
+    else:
+        queries = _power_law(rng, count, dim, seed)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     if kind == "shifted":
         gap = np.random.default_rng([seed, 7])
         offset = gap.standard_normal(dim).astype(np.float32)
         basis, _ = np.linalg.qr(gap.standard_normal((dim, dim)))
         spectrum = 1.0 / np.arange(1, dim + 1)
-        noise = (rng.standard_normal((count, dim)) * np.sqrt(spectrum / spectrum.sum())) @ basis.T
+        noise = (rng.standard_normal((count, dim)) * np.sqrt(spectrum / spectrum.sum())) @ basis.T  # other basis
         queries = queries + 0.6 * noise.astype(np.float32)
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         queries += offset / np.linalg.norm(offset)
@@ -116,9 +131,9 @@ def _in_child(fn, *args):
         return pool.apply(_call, (fn, THREADS["faiss"], args))
 
 
-def _build(out: str, n: int, ann: AnnConfig) -> dict:
+def _build(out: str, n: int, ann: AnnConfig, latent: int = 48) -> dict:
     started = time.time()
-    info = write_synthetic_index(out, synthetic_blocks(n), ann)
+    info = write_synthetic_index(out, synthetic_blocks(n, latent=latent), ann)
     return {"build_s": round(time.time() - started, 1), "build_stages_s": info["build_stages_s"],
             "build_memory_gb": _peak()}
 
@@ -190,10 +205,10 @@ def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[t
             "clip_level_hits": len(hits), "search_memory_gb": _peak()}
 
 
-def _update(out: str, n: int, added: int, ann: AnnConfig) -> dict:
+def _update(out: str, n: int, added: int, ann: AnnConfig, latent: int = 48) -> dict:
     from pipeline.retrieval.search import Searcher
 
-    vectors = np.concatenate(list(synthetic_blocks(n + added, first=n, seed=0)))
+    vectors = np.concatenate(list(synthetic_blocks(n + added, latent=latent, first=n, seed=0)))
     started = time.time()
     append_synthetic_index(out, vectors, ann)
     update_s = time.time() - started
@@ -206,19 +221,20 @@ def _update(out: str, n: int, added: int, ann: AnnConfig) -> dict:
 
 def measure(n: int, queries: int, ann: AnnConfig, settings: list[tuple[int, int]], data: str | None,
             keep: bool, reuse: bool, update: int, filters: list[str] | None = None,
-            filter_exponent: float = AnnConfig.filter_probe_exponent, query_kind: str = "rows") -> dict:
-    out = os.path.join(data, f"search-{n}") if data else tempfile.mkdtemp(prefix="search-bench-")
-    qs = synthetic_queries(queries, kind=query_kind)
+            filter_exponent: float = AnnConfig.filter_probe_exponent, query_kind: str = "rows",
+            latent: int = 48) -> dict:
+    out = os.path.join(data, f"search-{n}-{latent}") if data else tempfile.mkdtemp(prefix="search-bench-")
+    qs = synthetic_queries(queries, latent=latent, kind=query_kind)
     try:
         built = {}
         if not (reuse and os.path.exists(os.path.join(out, "_index", "index.json"))):
             shutil.rmtree(out, ignore_errors=True)
-            built = _in_child(_build, out, n, ann)
+            built = _in_child(_build, out, n, ann, latent)
         truth = _in_child(_truth, out, qs, 10, 5, filters)
         searched = _in_child(_search, out, qs, truth["truth"], 10, settings, filter_exponent)
         size = sum(f.stat().st_size for f in Path(out, "_index").iterdir())
-        updated = _in_child(_update, out, n, update, ann) if update else {}
-        return {"n": n, "dim": 512, "queries": queries, "query_kind": query_kind, **built, "index_gb": round(size / 2**30, 2),
+        updated = _in_child(_update, out, n, update, ann, latent) if update else {}
+        return {"n": n, "dim": 512, "latent": latent, "queries": queries, "query_kind": query_kind, **built, "index_gb": round(size / 2**30, 2),
                 "exact_ms_median": round(float(np.median(truth["exact_ms"])), 1), "exact_queries": len(truth["exact_ms"]),
                 "exact_memory_gb": truth["exact_memory_gb"], **{k: v for k, v in searched.items()}, **updated,
                 "ann": asdict(ann)}
@@ -243,6 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--filter-exponent", type=float, default=AnnConfig.filter_probe_exponent,
                    help="a filter keeping a fraction f of rows scans f ** -this times the lists")
     p.add_argument("--threads", type=int, help="faiss OpenMP threads (default: one per core)")
+    p.add_argument("--latent", type=int, default=48,
+                   help="rows: this many latent dimensions plus noise; 0: a power-law spectrum over all 512")
     p.add_argument("--query-kind", default="rows", choices=QUERY_KINDS,
                    help="queries from the rows' distribution, or shifted (a modeled text-audio modality gap)")
     p.add_argument("--out", default="benchmarks/results/search.json")
@@ -252,7 +270,7 @@ def main(argv=None) -> int:
     ann = AnnConfig(nlist=args.nlist, project_dim=args.project_dim)
     settings = [(a, b) for a in args.nprobe for b in args.rerank]
     results = [measure(n, args.queries, ann, settings, args.data, args.keep, args.reuse, args.update,
-                       args.filters, args.filter_exponent, args.query_kind) for n in args.n]
+                       args.filters, args.filter_exponent, args.query_kind, args.latent) for n in args.n]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
