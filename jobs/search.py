@@ -16,6 +16,7 @@ import sys
 
 import fsspec
 
+from pipeline.retrieval.ann import AnnConfig
 from pipeline.retrieval.search import Filters, Searcher, SearchError
 
 MAX_QUERY_CHARS = 1000
@@ -41,12 +42,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--uri-prefix", help="keep clips whose URI starts with this")
     p.add_argument("--prompt", default="This is a sound of {label}.", help="zero-shot prompt template")
     p.add_argument("--exact", action="store_true", help="exact search even when the ANN index is current")
+    p.add_argument("--rerank", type=int, default=AnnConfig.rerank,
+                   help="ANN candidates re-scored exactly per hit asked for (more: higher recall for queries unlike "
+                        "the audio rows, e.g. text, at some latency: BENCHMARKS.md, Search)")
     p.add_argument("--clap-model", help="refuse to run unless the index was embedded with this CLAP source")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     if not 1 <= args.k <= MAX_K:
         p.error(f"--k must be between 1 and {MAX_K}")
+    if args.rerank < 1:
+        p.error("--rerank must be at least 1")
     if args.text is not None and not 0 < len(args.text) <= MAX_QUERY_CHARS:
         p.error(f"--text must have 1 to {MAX_QUERY_CHARS} characters")
     return args
@@ -56,7 +62,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        searcher = Searcher(args.output, exact=args.exact, clap_model=args.clap_model)
+        searcher = Searcher(args.output, exact=args.exact, clap_model=args.clap_model, rerank=args.rerank)
         rows = _run(searcher, args)
     except SearchError as e:
         sys.stderr.write(f"error: {e}\n")

@@ -196,6 +196,9 @@ def test_search_cli_json_and_table(tagged):
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["clip_id", "uri", "score"]
     bad = run("--text", "rain", "--k", "0")
     assert bad.returncode == 2 and "--k must be" in bad.stderr
+    deeper = run("--text", "rain", "--k", "3", "--json", "--segments", "--rerank", "100")
+    assert deeper.returncode == 0 and [json.loads(line) for line in deeper.stdout.splitlines()] == rows
+    assert run("--text", "rain", "--rerank", "0").returncode == 2
     unknown = run("--like", "no-such-clip")
     assert unknown.returncode == 2 and "unknown clip_id" in unknown.stderr
 
