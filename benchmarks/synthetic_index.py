@@ -12,16 +12,20 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.retrieval.ann import AnnConfig
+from pipeline.retrieval.calibrate import CalibrationConfig, calibrate
 from pipeline.retrieval.files import FORMAT, IndexFiles
 from pipeline.retrieval.index import TableWriter, extend_table, write_fresh
 from pipeline.retrieval.rows import TABLES
 
 
-def write_synthetic_index(output: str, blocks: Iterable[np.ndarray] | np.ndarray,
-                          ann: AnnConfig = AnnConfig()) -> dict:
+def write_synthetic_index(output: str, blocks: Iterable[np.ndarray] | np.ndarray, ann: AnnConfig = AnnConfig(),
+                          calibration: CalibrationConfig | None = None, clap: str = "synthetic",
+                          labels: list[str] = ("synthetic",)) -> dict:
     """An index over given vectors (one 10 s window per fake clip), for benchmarks and ANN tests: the same
     files and code as a real index, without running the tagging job. `blocks` (row blocks, or one
-    matrix) stream to disk, so N can exceed memory. Clips and segments share every file."""
+    matrix) stream to disk, so N can exceed memory. Clips and segments share every file. With
+    `calibration`, the ANN is calibrated as `build_index` does, with prompts of `labels` through the text
+    tower of the CLAP checkpoint `clap` (its embedding width must be the vectors')."""
     if isinstance(blocks, np.ndarray):
         blocks = [blocks]
     files = IndexFiles(output)
@@ -41,17 +45,20 @@ def write_synthetic_index(output: str, blocks: Iterable[np.ndarray] | np.ndarray
     timings = {}
     entry = write_fresh(writer, files, parts(), _synthetic_batch(0, 1).schema, dim, ann, timings)
     n = entry["rows"]
-    info = {"format": FORMAT, "settings_hash": "synthetic", "versions": None, "shard": 0, "labels": ["synthetic"],
-            "built_at": time.time(), "model": {"source": "synthetic", "revision": "none", "untrained": True},
+    info = {"format": FORMAT, "settings_hash": "synthetic", "versions": None, "shard": 0, "labels": list(labels),
+            "built_at": time.time(), "model": {"source": clap, "revision": "none", "untrained": True},
             "ann": asdict(ann), "dim": dim, "rows": {t: n for t in TABLES}, "live": {t: n for t in TABLES},
             "tables": {t: entry for t in TABLES}}
+    if calibration:
+        calibrate(info, files.staged_or_path, ann, calibration)
     files.publish(info)
     return {**info, "build_stages_s": timings}
 
 
-def append_synthetic_index(output: str, vectors: np.ndarray, ann: AnnConfig = AnnConfig()) -> dict:
+def append_synthetic_index(output: str, vectors: np.ndarray, ann: AnnConfig = AnnConfig(),
+                           calibration: CalibrationConfig | None = None) -> dict:
     """Append rows to a synthetic index the way `build_index` appends new commits: one new vector shard,
-    `add` to the IVF lists, no retraining."""
+    `add` to the IVF lists, no retraining; with `calibration`, the calibration kept or measured again."""
     files = IndexFiles(output)
     info = files.info()
     entry = info["tables"]["segments"]
@@ -64,6 +71,8 @@ def append_synthetic_index(output: str, vectors: np.ndarray, ann: AnnConfig = An
     n = entry["rows"]
     info.update(rows={t: n for t in TABLES}, live={t: n for t in TABLES}, tables={t: entry for t in TABLES},
                 built_at=time.time())
+    if calibration:
+        calibrate(info, files.staged_or_path, ann, calibration)
     files.publish(info)
     return info
 

@@ -42,16 +42,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--uri-prefix", help="keep clips whose URI starts with this")
     p.add_argument("--prompt", default="This is a sound of {label}.", help="zero-shot prompt template")
     p.add_argument("--exact", action="store_true", help="exact search even when the ANN index is current")
-    p.add_argument("--rerank", type=int, default=AnnConfig.rerank,
+    p.add_argument("--rerank", type=int,
                    help="ANN candidates re-scored exactly per hit asked for (more: higher recall for queries unlike "
-                        "the audio rows, e.g. text, at some latency: BENCHMARKS.md, Search)")
+                        "the audio rows, e.g. text, at some latency: BENCHMARKS.md, Search); default: the depth "
+                        f"jobs.index calibrated for text queries, else {AnnConfig.rerank}")
     p.add_argument("--clap-model", help="refuse to run unless the index was embedded with this CLAP source")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     if not 1 <= args.k <= MAX_K:
         p.error(f"--k must be between 1 and {MAX_K}")
-    if args.rerank < 1:
+    if args.rerank is not None and args.rerank < 1:
         p.error("--rerank must be at least 1")
     if args.text is not None and not 0 < len(args.text) <= MAX_QUERY_CHARS:
         p.error(f"--text must have 1 to {MAX_QUERY_CHARS} characters")
@@ -63,12 +64,27 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         searcher = Searcher(args.output, exact=args.exact, clap_model=args.clap_model, rerank=args.rerank)
+        sys.stderr.write(describe(searcher.settings(), args.rerank is not None) + "\n")
         rows = _run(searcher, args)
     except SearchError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
     _print(rows, args.json)
     return 0
+
+
+def describe(settings: dict, given: bool) -> str:
+    """One line on how unfiltered queries are answered and how the index calibrated that (Searcher.settings)."""
+    c = settings["calibration"]
+    if settings["exact"] or c.get("needed") is False:
+        return "search: exact" + ("" if settings["exact"] else " (index too small for an ANN: no calibration needed)")
+    line = f"search: ANN, re-rank {settings['rerank']} x k" + (" (--rerank)" if given else "")
+    if not c:
+        return line + f", nprobe {settings['nprobe'] or 'default'} (index not calibrated: run jobs.index)"
+    missed = "" if c["reached"] else ", not reached"
+    return line + (f", nprobe {settings['nprobe']} of {c['nlist']} lists; calibrated at build: re-rank {c['rerank']}, "
+                   f"nprobe {c['nprobe']} reach recall@{c['k']} {c['recall']:.3f} against exact search "
+                   f"(target {c['target_recall']}{missed}, {c['queries']} label queries)")
 
 
 def _run(searcher: Searcher, args) -> list[dict]:

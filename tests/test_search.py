@@ -190,6 +190,7 @@ def test_search_cli_json_and_table(tagged):
                                     capture_output=True, text=True, timeout=300)
     proc = run("--text", "rain", "--k", "3", "--json", "--segments")
     assert proc.returncode == 0, proc.stderr
+    assert "no calibration needed" in proc.stderr  # a few rows: no ANN, exact (tests/test_calibration.py: an ANN)
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 3 and {"clip_id", "uri", "score", "start_s", "end_s"} <= set(rows[0])
     table = run("--text", "rain", "--k", "2")

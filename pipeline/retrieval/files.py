@@ -81,6 +81,11 @@ class IndexFiles:
                              time.time() - started)
         return local
 
+    def staged_or_path(self, name: str) -> str:
+        """A local path to `name`: in the stage if this build wrote it, else `path(name)`."""
+        staged = os.path.join(self.stage, name) if self.stage else None
+        return staged if staged and os.path.exists(staged) else self.path(name)
+
     def ranged(self, name: str):
         """A local path to `name` if there is one (a local index, or a cached file), else an open file on
         the store whose reads are ranged requests (for reading a part of a large file: one label's scores)."""

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.retrieval.ann import Ann, AnnConfig, add_rows, build_ann, read_ann
+from pipeline.retrieval.calibrate import CalibrationConfig, calibrate
 from pipeline.retrieval.files import FORMAT, IndexFiles, index_dir
 from pipeline.retrieval.labels import ScoreShardWriter
 from pipeline.retrieval.rows import (TABLES, ast_labels, data_metadata, index_parts, index_rows, meta_schema,
@@ -141,21 +142,26 @@ def extend_table(writer: TableWriter, files: IndexFiles, entry: dict, previous: 
     store = VectorStore([(v["file"], v["rows"]) for v in vectors], dim,
                         fetch=lambda name: os.path.join(files.stage, name) if name in staged else files.path(name))
     started = time.time()
+    kept = {}
     if entry["ann"] and entry.get("codes"):
         index = read_ann(files.path(entry["ann"]), files.path(entry["codes"]))
         add_rows(index, store, first_row=previous_rows)
+        kept = {"calibration": entry["calibration"]} if entry.get("calibration") else {}  # calibrate.py decides
     else:  # no ANN yet (a small table), or one written before the flat codes: train one now
         index = build_ann(store, ann)
     log.info("%s: %d rows appended in %.1f s", writer.table, len(store) - previous_rows, time.time() - started)
     return {"rows": writer.meta_rows, "meta": writer.meta_name, **writer.ann_index(index), "vectors": vectors,
-            "scores": entry["scores"] + writer.score_shards}
+            "scores": entry["scores"] + writer.score_shards, **kept}
 
 
-def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()) -> dict:
+def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig(),
+                calibration: CalibrationConfig = CalibrationConfig()) -> dict:
     """Create or update the index under OUTPUT/_index/ for the newest settings; returns index.json.
     Rows stream from the current (Delta) table into the index files a batch at a time, so the driver
     never holds the table's embeddings or scores (a full build); an update reads every current row's
-    (clip_id, run_id) to mark replaced rows, then streams only the new rows."""
+    (clip_id, run_id) to mark replaced rows, then streams only the new rows. Before index.json is
+    published, each table's ANN is calibrated for text queries (calibrate.py: measured on a full build,
+    kept or measured again on an update)."""
     clips = delta.open_table(output, "clips")
     if clips is None or not delta.data_files(output, "clips", clips):
         raise FileNotFoundError(f"no committed results under {output}: run jobs.tag first")
@@ -203,6 +209,7 @@ def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()
                                                  index_parts(batches, before), schema, dim, ann)
             info["live"][table] = int(live.sum()) + info["tables"][table]["rows"] - len(previous)
         info["rows"][table] = info["tables"][table]["rows"]
+    calibrate(info, files.staged_or_path, ann, calibration)
     files.publish(info)
     log.info("index %s: %s rows (%s live), Delta versions %s", index_dir(output), info["rows"], info["live"],
              covered["versions"])

@@ -55,6 +55,25 @@ class Hit:
         return {k: v for k, v in self.__dict__.items()}
 
 
+def rerank(vectors, queries: np.ndarray, cand: np.ndarray, k: int,
+           want: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Each query's ANN candidates (row numbers, -1: none) re-scored exactly against the float16 `vectors`
+    (a VectorStore): (scores, rows) of the best k, each (len(queries), k), and the queries with fewer than
+    `want` candidates (left empty: score -inf, row -1)."""
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    rows = np.full((len(queries), k), -1, np.int64)
+    short = []
+    for i, q in enumerate(queries):
+        found = cand[i][cand[i] >= 0]
+        if len(found) < want:
+            short.append(i)
+            continue
+        exact = vectors.get(found) @ q
+        top = np.lexsort((found, -exact))[:k]
+        scores[i, :len(top)], rows[i, :len(top)] = exact[top], found[top]
+    return scores, rows, short
+
+
 class _Mask:
     """Rows a query may return: a bool per row, its count, and the packed bitmap FAISS filters with."""
 
@@ -78,13 +97,16 @@ class _Table:
 
     MASKS_KEPT = 16  # per-filter masks cached (10 MB each at 10M rows): a service sees the same filters often
 
-    def __init__(self, files, entry: dict, dim: int, nprobe: int, rerank: int):
+    def __init__(self, files, entry: dict, dim: int, nprobe: int | None, rerank: int | None):
         self._meta_path = files.path(entry["meta"])
         self._source = pa.memory_map(self._meta_path)
         self.data = pa.ipc.open_file(self._source).read_all()
         self.vectors = store_of(files, entry, dim)
         self.live = np.asarray(self.data.column("live"))
-        self.nprobe, self.rerank = nprobe, rerank
+        # the index's calibration (calibrate.py) gives the defaults; indexes built before it have none
+        self.calibration = entry.get("calibration") or {}
+        self.nprobe = nprobe or self.calibration.get("nprobe")
+        self.rerank = rerank or self.calibration.get("rerank") or AnnConfig.rerank
         self.filter_exponent = AnnConfig.filter_probe_exponent
         self._ann_path = files.path(entry["ann"]) if entry["ann"] else None
         self._ann = None
@@ -176,11 +198,12 @@ class _Table:
 class Searcher:
     """Holds an index in memory and answers queries; see `text`, `audio`, `like`, `zero_shot`, `duplicates`."""
 
-    def __init__(self, output: str, nprobe: int | None = None, rerank: int = AnnConfig.rerank,
+    def __init__(self, output: str, nprobe: int | None = None, rerank: int | None = None,
                  exact: bool = False, clap_model: str | None = None, exact_below: int = 1_000,
                  subset_fraction: float = 0.3):
-        """`nprobe`: IVF lists scanned per query (None: AnnConfig.probe_fraction of them); `rerank`: ANN
-        candidates re-scored exactly per hit asked for. `exact_below`: searches over fewer matching rows
+        """`nprobe`: IVF lists scanned per query; `rerank`: ANN candidates re-scored exactly per hit asked
+        for; None: the settings the index was calibrated to at build (index.json, calibrate.py), else
+        AnnConfig's (`probe_fraction` of the lists, `rerank`). `exact_below`: searches over fewer matching rows
         than this go exact (a gather of that many rows, ~1 ms; 10k rows took 9.2 ms at 1M, the filter's
         own codes 1.2 ms: BENCHMARKS.md, Search). `subset_fraction`: a filter keeping at most this
         fraction of the rows scans the PQ codes of its rows only (all of them, no IVF probing); a wider
@@ -211,6 +234,14 @@ class Searcher:
         clips = delta.open_table(self.output, "clips")
         return clips is not None and (delta.shard_seq(clips), delta.table_settings(clips)) != (
             self.info["shard"], self.info["settings_hash"])
+
+    def settings(self) -> dict:
+        """How unfiltered queries are answered, for reports: {"exact": bool, "rerank", "nprobe" (None:
+        AnnConfig's share of the lists, set on the first ANN query), "calibration" (the segments
+        table's entry in index.json: recall@k measured at build against exact search, target, settings,
+        number of label queries; {} for an index built before calibration)}."""
+        table = self.tables["segments"]
+        return {"exact": self.exact, "rerank": table.rerank, "nprobe": table.nprobe, "calibration": table.calibration}
 
     def warm(self) -> None:
         """Load now what the first ANN query would load (the IVF-PQ of the segments table)."""
@@ -332,17 +363,7 @@ class Searcher:
                 nprobe = min(table.nlist, math.ceil(table.nprobe * widen))
                 params = faiss.SearchParametersIVF(nprobe=nprobe, sel=mask.selector())
                 _, cand = table.ann.search(queries, candidates, params=params)
-            scores = np.full((len(queries), k), -np.inf, np.float32)
-            rows = np.full((len(queries), k), -1, np.int64)
-            short = []
-            for i, q in enumerate(queries):
-                found = cand[i][cand[i] >= 0]
-                if len(found) < want:
-                    short.append(i)
-                    continue
-                exact = table.vectors.get(found) @ q
-                top = np.lexsort((found, -exact))[:k]
-                scores[i, :len(top)], rows[i, :len(top)] = exact[top], found[top]
+            scores, rows, short = rerank(table.vectors, queries, cand, k, want)
             if not short:
                 return scores, rows
             log.info("ANN returned fewer than %d hits under the filter for %d queries: exact search", want, len(short))
