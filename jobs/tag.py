@@ -101,10 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "table in when the run ends (without it such a run is refused, exit status 6)")
     run = p.add_argument_group("run behaviour")
     run.add_argument("--shard-files", type=_positive(int), default=D.shard_files,
-                     help="files per commit: each shard of this many new or changed files is processed and "
-                          "committed before the next (a kill loses at most the shard in flight)")
+                     help="files per commit: the run's one execution streams, and every time this many files "
+                          "are complete they are committed as a shard (a kill loses only what is not committed)")
     run.add_argument("--flush-every", type=float, default=D.flush_every_s,
-                     help="seconds between the driver's part-file writes")
+                     help="also commit the complete files at least this often, in seconds (bounds what a kill "
+                          "loses when files complete slowly)")
     run.add_argument("--max-error-rate", type=_fraction, default=None, metavar="FRACTION",
                      help="exit 1 when more than this fraction of the processed files are error rows (their rows "
                           "are still committed); a run whose processed files all failed for a transient reason "

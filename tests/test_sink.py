@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 from pipeline.tagging.aggregate import FILE_COLUMNS
 from pipeline.arrow import fixed_list
 from pipeline.audio.decode import LONG_FILE
-from pipeline.tagging.sink import SINK_SCHEMA, SinkConfig, WriteResults, from_ipc
+from pipeline.tagging.sink import SINK_SCHEMA, Collector, SinkConfig, WriteResults, from_ipc
+from pipeline.tagging.summary import RunSummary
 from schemas import clips_schema, segments_schema
 from tests.test_aggregate import LABELS, _windows
 
@@ -45,8 +46,12 @@ def test_whole_files_are_written_on_the_worker_and_the_rest_goes_back(tmp_path):
     (seg_part,), (clip_part,) = row["segments_parts"], row["clips_parts"]
     clips = pq.read_table(clip_part).to_pydict()
     assert sorted(clips["clip_id"]) == ["e", "x"] and row["clip_rows"] == 2
+    assert sorted(row["clip_ids"]) == ["e", "x"]
     segments = pq.read_table(seg_part).to_pydict()
-    assert sorted(zip(segments["clip_id"], segments["segment_index"])) == [("x", 0), ("x", 1), ("y", 0)]
+    assert sorted(zip(segments["clip_id"], segments["segment_index"])) == [("x", 0), ("x", 1)]
+    (piece_part,) = [p["part"] for p in row["pieces"] if p["clip_id"] == "y"]   # y's window: a part of its own
+    assert pq.read_table(piece_part).select(["clip_id", "segment_index"]).to_pylist() == [
+        {"clip_id": "y", "segment_index": 0}]
     assert json.loads(pq.read_schema(clip_part).metadata[b"audio_tagging"]) == {"settings_hash": "h"}
     counts = json.loads(row["counts"])
     assert (counts["ok"], counts["error"], counts["segments"], counts["errors_by_reason"]) == (1, 1, 2, {"empty file": 1})
@@ -58,7 +63,7 @@ def test_whole_files_are_written_on_the_worker_and_the_rest_goes_back(tmp_path):
     # equal to aggregating both windows in one place
     other, _ = _windows("y", [1], 2, seed=3)
     (row2,) = WriteResults(_config(tmp_path))(other).to_pylist()
-    assert row2["clips_parts"] == [] and len(row2["segments_parts"]) == 1
+    assert row2["clips_parts"] == [] and row2["segments_parts"] == [] and len(row2["pieces"]) == 1
     driver = _config(tmp_path).aggregator()
     assert driver.add_partials(piece) == [] and driver.pending == 1
     (merged,) = driver.add_partials(from_ipc(row2["leftover"]))
@@ -87,5 +92,28 @@ def test_a_retried_batch_rewrites_its_part_and_another_batch_gets_its_own(tmp_pa
 def test_a_batch_of_split_windows_writes_their_segments_and_no_clip(tmp_path):
     split, _ = _windows("y", [0], 2, seed=2)
     (row,) = WriteResults(_config(tmp_path))(split).to_pylist()
-    assert (row["clips_parts"], row["clip_rows"], len(row["segments_parts"])) == ([], 0, 1)
+    assert (row["clips_parts"], row["clip_rows"], row["segments_parts"], len(row["pieces"])) == ([], 0, [], 1)
     assert len(from_ipc(row["leftover"])) == 1 and not (tmp_path / "clips").exists()
+
+
+def test_the_collector_hands_over_whole_files_only(tmp_path):
+    """What the driver commits is whole: files whole in a batch at once; a split file's windows (its
+    pieces) only with its clip row, once its last window arrived."""
+    config = _config(tmp_path)
+    collector = Collector(config, RunSummary("run1"))
+    row = WriteResults(config)(_batch())
+    collector.add(row)
+    assert collector.ready == 2
+    parts, ids = collector.take()
+    assert sorted(ids.to_pylist()) == ["e", "x"]
+    assert parts["segments"] == row.column("segments_parts")[0].as_py()   # not y's piece
+    other, _ = _windows("y", [1], 2, seed=3)
+    row2 = WriteResults(config)(other)
+    collector.add(row2)
+    parts, ids = collector.finish()
+    assert ids.to_pylist() == ["y"]
+    windows = pa.concat_tables([pq.read_table(p) for p in parts["segments"]])
+    assert sorted(windows.column("segment_index").to_pylist()) == [0, 1] and set(windows.column("clip_id").to_pylist()) == {"y"}
+    (clip_part,) = parts["clips"]
+    assert pq.read_table(clip_part).column("clip_id").to_pylist() == ["y"]
+    assert collector.take()[1].to_pylist() == [] and collector.clip_rows == 3

@@ -43,6 +43,7 @@ class PartWriter:
         self.rows_per_file = rows_per_file
         self.prefix = f"part-{secrets.token_hex(6)}"   # default names: unique per writer, never overwritten
         self.rows_written = 0
+        self.flushes = 0                     # numbers the default names (`files` may be taken and reset)
         self.files: list[str] = []
         self._buffer: list[pa.Table] = []
         self._buffered = 0
@@ -67,8 +68,9 @@ class PartWriter:
             return
         table = pa.concat_tables(self._buffer).replace_schema_metadata(self.schema.metadata)
         validate_table(table, self.schema)   # the stored lists: every value still has the declared width
-        final = write_part(self.fs, self.directory, f"{name or f'{self.prefix}-{len(self.files):05d}'}.parquet", table)
+        final = write_part(self.fs, self.directory, f"{name or f'{self.prefix}-{self.flushes:05d}'}.parquet", table)
         self.files.append(final)
+        self.flushes += 1
         self.rows_written += len(table)
         log.debug("wrote %d rows to %s", len(table), final)
         self._buffer, self._buffered = [], 0

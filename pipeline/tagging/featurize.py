@@ -71,6 +71,11 @@ class FeaturizeConfig:
         return ((self.ast.max_length, self.ast.num_mel_bins),
                 (self.clap.channels, self.clap.num_frames, self.clap.num_mel_bins))
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of model input in one full window block (float32)."""
+        return self.windows_per_block * 4 * sum(int(np.prod(shape)) for shape in self.row_shapes)
+
 
 # Memory a featurize task holds, per second of audio in its file: the waveforms at the model rates in the
 # decoder child and, in the worker, in the shared buffer or (files too long for it) received over the pipe
@@ -112,8 +117,7 @@ class _Block:
 
 def task_memory_bytes(config: FeaturizeConfig, seconds: float) -> int:
     """Ray `memory` to reserve for a featurize task whose files are at most `seconds` long."""
-    window_bytes = 4 * sum(int(np.prod(shape)) for shape in config.row_shapes)
-    return int(seconds * BYTES_PER_AUDIO_S + 3 * config.windows_per_block * window_bytes + TASK_BASE_BYTES
+    return int(seconds * BYTES_PER_AUDIO_S + 3 * config.block_bytes + TASK_BASE_BYTES
                + READ_AHEAD_BYTES)
 
 

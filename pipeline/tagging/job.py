@@ -1,7 +1,8 @@
 """The tagging job: list -> featurize (CPU tasks) -> AST actors -> CLAP actors -> aggregate + write (tasks).
 
-`build_dataset` is the Ray Data chain; `run_tag_job` lists inputs, runs the chain, collects the part files
-the workers wrote (and finishes the few files split across their batches), commits, and writes the summary.
+`build_dataset` is the Ray Data chain; `run_tag_job` lists inputs into a feed while one execution of the
+chain runs over it, collects the part files the workers wrote (and finishes the few files split across
+their batches), commits complete files in shards as it streams, and writes the summary.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pipeline.models.device import resolve_precision
 from pipeline.models.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.audio.features_ast import AstFbankConfig
 from pipeline.audio.features_clap import ClapMelConfig
+from pipeline.tagging.feed import FeedSource, FileFeed, Listing, Watchdog
 from pipeline.tagging.featurize import FEATURES_ON, Featurize, FeaturizeConfig, task_memory_bytes
 from pipeline.tagging.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
 from pipeline.tagging.keyset import KeySet, split_digests
@@ -69,8 +71,8 @@ class TagJobConfig:
     long_file_s: float = 1200.0   # featurize tasks reserve memory for files this long; longer ones run
                                   # afterwards in a lane that reserves it for DecodeConfig.max_duration_s
     rows_per_file: int = 20_000
-    shard_files: int = 100_000    # files per commit: the listing streams, the driver holds one shard
-    flush_every_s: float = 60.0   # bounds the work a killed run loses
+    shard_files: int = 100_000    # files per commit, committed while the run's one execution streams
+    flush_every_s: float = 60.0   # commit complete files at least this often: bounds what a kill loses
     stall_timeout_s: float = 600.0  # fail (not wait) when the Ray Data execution makes no progress this long
     max_error_rate: float | None = None  # fraction of processed files; more errors fail the run (exit 1)
     zero_shot_labels: tuple[str, ...] = ()
@@ -140,26 +142,36 @@ def lanes(cfg: TagJobConfig, featurize: FeaturizeConfig) -> tuple[Lane, Lane]:
     return Lane(cfg.long_file_s, min(short, cap)), Lane(None, min(long, cap))
 
 
-def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batch_size: int,
-                  lane: Lane | None = None, sink: SinkConfig | None = None, sink_batch: int = 256) -> ray.data.Dataset:
-    """The pipeline as one Ray Data chain over a table of input files: window rows with model outputs, or
-    with `sink`, one SINK_SCHEMA row per batch of `sink_batch` windows the workers aggregated and wrote."""
-    # Files per featurize task: each task costs Ray scheduling, a fresh unpickled stage and a memory
-    # poll thread; ~8 tasks per CPU still balances the tail. At most 16 (tasks stream their blocks).
+def build_dataset(source: pa.Table | ray.actor.ActorHandle, stages: ModelStages, plan: ResourcePlan,
+                  batch_size: int, lane: Lane | None = None, sink: SinkConfig | None = None,
+                  sink_batch: int = 256) -> ray.data.Dataset:
+    """The pipeline as one Ray Data chain over input files, a table of them or a `FileFeed` the listing
+    fills while the chain runs: window rows with model outputs, or with `sink`, one SINK_SCHEMA row per
+    batch of `sink_batch` windows the workers aggregated and wrote."""
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
-    per_block = max(1, min(16, math.ceil(len(files) / (8 * cpus))))
-    blocks = [files.slice(i, per_block) for i in range(0, len(files), per_block)]
     memory = {"memory": lane.memory} if lane else {}
+    featurize = Featurize(stages.featurize, lane.max_s if lane else None)
+    if isinstance(source, pa.Table):
+        # Files per featurize task: each task costs Ray scheduling, a fresh unpickled stage and a memory
+        # poll thread; ~8 tasks per CPU still balances the tail. At most 16 (tasks stream their blocks).
+        per_block = max(1, min(16, math.ceil(len(source) / (8 * cpus))))
+        blocks = [source.slice(i, per_block) for i in range(0, len(source), per_block)]
+        # tasks, spread over the nodes (Ray Data's default scheduling strategy)
+        dataset = ray.data.from_arrow(blocks).map_batches(featurize, batch_format="pyarrow", batch_size=None,
+                                                          num_cpus=1, **memory)
+    else:
+        # a featurize task per CPU the model actors leave, each taking files from the feed all run long
+        dataset = ray.data.read_datasource(FeedSource(source, featurize, featurize_tasks(plan, cpus), FEED_TAKE),
+                                           num_cpus=1, override_num_blocks=1, **memory)
+        # a featurize task's window blocks leave it one by one (Ray Data would gather them to 128 MiB)
+        dataset.context.target_max_block_size = int(0.7 * stages.featurize.block_bytes)
     # model actors stay on this node while it lives (a plan whose fractional shares fit only together), else
     # go anywhere: a node-id label selector with a fallback (what NodeAffinitySchedulingStrategy(soft=True)
     # did; remote args passed as **kwargs are removed in Ray 2.64)
     pinned = {"label_selector": {NODE_ID_LABEL: plan.node},
               "fallback_strategy": [{"label_selector": {NODE_ID_LABEL: f"!{plan.node}"}}]} if plan.node else {}
     dataset = (
-        ray.data.from_arrow(blocks)
-        # tasks, spread over the nodes (Ray Data's default scheduling strategy)
-        .map_batches(Featurize(stages.featurize, lane.max_s if lane else None), batch_format="pyarrow",
-                     batch_size=None, num_cpus=1, **memory)
+        dataset
         # The model actors' own runtime env (MODEL_ENV) also keeps Ray from fusing the featurize tasks
         # into them (it fuses when remote args match), which would decode in the few model actors
         .map_batches(AstTagger, fn_constructor_args=(stages.tagger,), batch_format="pyarrow",
@@ -172,8 +184,19 @@ def build_dataset(files: pa.Table, stages: ModelStages, plan: ResourcePlan, batc
     if sink is None:
         return dataset
     # short tasks (aggregate ~7 KB per window, write two zstd Parquet parts); their own remote args keep
-    # them out of the CLAP actors, whose next batch they would otherwise delay
-    return dataset.map_batches(WriteResults(sink), batch_format="pyarrow", batch_size=sink_batch, num_cpus=0.25)
+    # them out of the CLAP actors, whose next batch they would otherwise delay. With a feed the featurize
+    # tasks hold every CPU the actors leave for the whole run: the sink tasks then ask for none
+    return dataset.map_batches(WriteResults(sink), batch_format="pyarrow", batch_size=sink_batch,
+                               num_cpus=0.25 if isinstance(source, pa.Table) else 0)
+
+
+FEED_TAKE = 16   # files a featurize task takes from the feed at a time
+
+
+def featurize_tasks(plan: ResourcePlan, cpus: int) -> int:
+    """Featurize tasks of a run with a feed: the CPUs the model actors leave, at least one."""
+    actors = plan.ast_actors * plan.ast_cpus + plan.clap_actors * plan.clap_cpus
+    return max(1, math.floor(cpus - actors + 1e-9))
 
 
 NODE_ID_LABEL = "ray.io/node-id"  # Ray's default label on every node
@@ -219,7 +242,9 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
 
     Holds OUTPUT's lease for the whole run (a second run is refused at once), finishes a shard an earlier
     run left half-committed, then skips files already tagged with the same models and settings (same
-    clip_id, size, modified time and etag in the current table) and commits the rest shard by shard.
+    clip_id, size, modified time and etag in the current table) and processes the rest in one Ray Data
+    execution, committing completed files every `shard_files` files or `flush_every_s` seconds as it
+    streams (with `replace_settings`, once at the end, in one swap).
     """
     check_writable(cfg.output)
     with Lease(cfg.output, cfg.run_id, purpose="tag") as lease:   # before any work: a second run stops here
@@ -237,30 +262,10 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
         replace = check_settings(cfg.output, table, delta.table_settings(clips) if clips else None, settings,
                                  cfg.replace_settings)
         skip = SkipCheck.build(cfg.output, settings.hash if not replace else None)
-        seq, shards = delta.shard_seq(clips), 0
-        held = {"segments": [], "clips": []}   # a replacement's parts, committed together at the end
-        progress = Progress(summary)
-        for files in _shards(iter_inputs(ListingConfig(cfg.input)), skip, cfg.shard_files, summary):
-            written = _tag(files, cfg, stages, plan, metadata, summary, progress)
-            faults.point("parts-written")
-            shards += 1
-            if replace:
-                held = {t: held[t] + written[t] for t in held}
-                continue
-            lease.check()
-            seq += 1
-            delta.commit_shard(cfg.output, seq, cfg.run_id, settings, written, table_schemas(cfg),
-                               skip.replaced(files.column("clip_id")), fault=faults.point)
-            progress.tick(force=True)
-        progress.listing_done = True
-        if not summary.files_seen:
-            raise InputError(f"input {cfg.input} lists no audio files: nothing to tag (check the path, the "
-                             "extensions, or the manifest)")
-        if replace:
-            lease.check()
-            delta.commit_shard(cfg.output, seq + 1, cfg.run_id, settings, held, table_schemas(cfg),
-                               pa.array([], pa.string()), overwrite=True, fault=faults.point)
-        elif not shards:
+        commits = Commits(cfg, settings, skip, lease, replace, delta.shard_seq(clips))
+        _tag(cfg, stages, plan, metadata, summary, Progress(summary), skip, commits)
+        commits.finish()
+        if not commits.shards:
             log.info("nothing new to process: all %d listed files are unchanged since a committed run", summary.files_seen)
         summary.finish()
         summary.log()
@@ -272,77 +277,130 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     return summary.to_dict()
 
 
-def _shards(chunks, skip: "SkipCheck", shard_files: int, summary: RunSummary):
-    """Tables of up to `shard_files` new or changed files, from listing chunks as they arrive."""
-    pending, held = [], 0
+class Commits:
+    """A run's shard commits: each `commit` adds completed files' parts to both Delta tables as the next
+    shard (delta.commit_shard), replacing the rows they reprocess; with `replace` (a settings change) the
+    parts are held and `finish` swaps them in as one shard that replaces the table."""
+
+    def __init__(self, cfg: TagJobConfig, settings: delta.Settings, skip: "SkipCheck", lease: Lease,
+                 replace: bool, seq: int):
+        self.cfg, self.settings, self.skip, self.lease, self.replace, self.seq = cfg, settings, skip, lease, replace, seq
+        self.schemas = table_schemas(cfg)
+        self.shards = 0
+        self.last = time.monotonic()
+        self._held = {"segments": [], "clips": []}
+
+    def due(self, ready: int) -> bool:
+        """`ready` completed files are enough for a shard, or have waited `flush_every_s`."""
+        return ready >= self.cfg.shard_files or (ready > 0 and time.monotonic() - self.last >= self.cfg.flush_every_s)
+
+    def commit(self, parts: dict[str, list[str]], clip_ids: pa.Array) -> None:
+        self.last = time.monotonic()
+        if not len(clip_ids):
+            return
+        faults.point("parts-written")
+        self.shards += 1
+        if self.replace:
+            self._held = {t: self._held[t] + parts[t] for t in self._held}
+            return
+        self.lease.check()
+        self.seq += 1
+        delta.commit_shard(self.cfg.output, self.seq, self.cfg.run_id, self.settings, parts, self.schemas,
+                           self.skip.replaced(clip_ids), fault=faults.point)
+
+    def finish(self) -> None:
+        if self.replace and self.shards:
+            self.lease.check()
+            delta.commit_shard(self.cfg.output, self.seq + 1, self.cfg.run_id, self.settings, self._held,
+                               self.schemas, pa.array([], pa.string()), overwrite=True, fault=faults.point)
+
+
+def _new_files(chunks, skip: "SkipCheck", summary: RunSummary):
+    """Tables of the new or changed files among listing chunks, as they arrive."""
     for chunk in chunks:
         todo = skip.new_or_changed(chunk)
         summary.files_seen += len(chunk)
         summary.skipped_unchanged += len(chunk) - len(todo)
-        pending.append(todo)
-        held += len(todo)
-        while held >= shard_files:
-            table = pa.concat_tables(pending)
-            yield table.slice(0, shard_files)
-            pending, held = [table.slice(shard_files)], held - shard_files
-    if held:
-        yield pa.concat_tables(pending)
+        if len(todo):
+            yield todo
 
 
-def _tag(files: pa.Table, cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: dict,
-         summary: RunSummary, progress: Progress) -> dict[str, list[str]]:
-    """Run the dataset over `files`; returns the part files written, by table.
+def _tag(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: dict, summary: RunSummary,
+         progress: Progress, skip: "SkipCheck", commits: Commits) -> None:
+    """List the input into a feed while one Ray Data execution featurizes, tags and writes the files it
+    holds, and commit what is complete as it streams; then the files too long for the short-file lane,
+    in a second execution.
 
     The workers aggregate and write the windows of every file that is whole in a batch (pipeline/tagging/sink.py);
     the driver only collects their part lists and summary counts, and aggregates the rare files whose
-    windows were split across batches, writing those itself."""
+    windows were split across batches, writing their clip rows itself."""
     schemas = table_schemas(cfg)
     sink = SinkConfig(cfg.output, cfg.run_id, tuple(label_names(cfg.ast_model)), cfg.top_k, schemas["segments"],
                       schemas["clips"], json.dumps(metadata, sort_keys=True), _zero_shot(cfg))
     collector = Collector(sink, summary, cfg.rows_per_file)
-    last_flush = time.monotonic()
     short, long = lanes(cfg, stages.featurize)
     log.info("featurize tasks reserve %.2f GB for files up to %g s; longer files run afterwards, "
              "reserving %.2f GB each", short.memory / 1e9, short.max_s, long.memory / 1e9)
     batch_size = cfg.batch_size or plan.batch_size
-    todo = files
-    progress.started()
+    feed = FileFeed.remote(FEED_QUEUE)
+    listing = Listing(feed, _new_files(iter_inputs(ListingConfig(cfg.input)), skip, summary))
+    listing.start()
+    listing.first.wait()
+    source = feed if listing.fed else None     # nothing new: no execution, no actors started
     for lane in (short, long):
-        dataset = build_dataset(todo, stages, plan, batch_size, lane, sink, min(cfg.rows_per_file, 8 * batch_size))
-        for batch in _stream(dataset, cfg.stall_timeout_s, plan):
+        if source is None:
+            break
+        progress.started()
+        dataset = build_dataset(source, stages, plan, batch_size, lane, sink, min(cfg.rows_per_file, 8 * batch_size))
+        for batch in _stream(dataset, cfg.stall_timeout_s, plan, listing if source is feed else None):
             collector.add(batch)
             progress.tick()
-            if time.monotonic() - last_flush > cfg.flush_every_s:
-                collector.flush()
-                last_flush = time.monotonic()
-        if not collector.handed_back:
-            break
-        todo = _files(pa.concat_tables(collector.handed_back))
+            if commits.due(collector.ready):
+                commits.commit(*collector.take())
+                progress.tick(force=True)
+        progress.listing_done = True
+        source = _files(pa.concat_tables(collector.handed_back)) if collector.handed_back else None
         collector.handed_back = []
-        log.info("%d files are longer than %g s: featurizing them in the long-file lane", len(todo), short.max_s)
-    parts = collector.finish()
-    if collector.clip_rows != len(files):
-        raise RuntimeError(f"wrote {collector.clip_rows} clip rows for {len(files)} input files")
-    return parts
+        if source is not None:
+            log.info("%d files are longer than %g s: featurizing them in the long-file lane", len(source), short.max_s)
+    commits.commit(*collector.finish())
+    fed = listing.result()   # the listing's error, if it failed (the files it fed are committed)
+    if not summary.files_seen:
+        raise InputError(f"input {cfg.input} lists no audio files: nothing to tag (check the path, the "
+                         "extensions, or the manifest)")
+    if collector.clip_rows != fed:
+        raise RuntimeError(f"wrote {collector.clip_rows} clip rows for {fed} input files")
 
 
-def _stream(dataset: ray.data.Dataset, stall_timeout_s: float, plan: ResourcePlan):
-    """The dataset's output batches; a stall (no operator made progress for `stall_timeout_s`, e.g. an
-    actor or task that can never be scheduled) fails the job with the plan and the free resources."""
-    dataset.context.execution_no_progress_timeout_s = stall_timeout_s
+FEED_QUEUE = 100_000   # listed files waiting in the feed (~200 B each)
+
+
+def _stream(dataset: ray.data.Dataset, stall_timeout_s: float, plan: ResourcePlan, listing: Listing | None = None):
+    """The dataset's output batches; a stall (no progress for `stall_timeout_s`, e.g. an actor or task
+    that can never be scheduled) fails the job with the plan and the free resources. Over a feed, waiting
+    for the listing is not a stall: a watchdog that knows the listing replaces Ray Data's guard."""
+    dataset.context.execution_no_progress_timeout_s = stall_timeout_s if listing is None else -1
     dataset.context.raise_original_map_exception = True  # an OutputError from the workers' sink reaches us as one
+    watchdog = Watchdog(stall_timeout_s if listing is not None else -1, listing.activity if listing else None)
+    watchdog.start()
     try:
-        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
-    except ExecutionTimeoutError as e:
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            watchdog.alive()
+            yield batch
+    except (ExecutionTimeoutError, KeyboardInterrupt) as e:
+        if isinstance(e, KeyboardInterrupt) and not watchdog.stalled:
+            raise
         free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         raise PlacementError(f"the job made no progress for {stall_timeout_s:g} s and was stopped rather than "
                              f"left waiting. Resource plan: {plan}. Nodes: {_describe_nodes()}. Free now: "
-                             f"{free}. Ray Data said: {e}") from e
+                             f"{free}. Ray Data said: {e or 'nothing (its input kept coming)'}") from e
     except Exception as e:
         cause = _output_error(e)
         if cause is None:
             raise
         raise cause from e  # the workers' sink could not write OUTPUT (disk full, permissions): say so
+    finally:
+        watchdog.stop()
 
 
 def _output_error(e: BaseException | None) -> OutputError | None:

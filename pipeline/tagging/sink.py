@@ -2,12 +2,13 @@
 
 `WriteResults` runs as a Ray Data task after the CLAP actors. It aggregates the windows of every file
 that is whole in its batch (`pipeline.tagging.aggregate.ClipAggregator`), writes their segments part, then their
-clips part (the same order as the driver's `RunWriters`: a complete clips part never names a clip whose
+clips part (the order `RunWriters` keeps: a complete clips part never names a clip whose
 windows are not in a complete segments part), and returns one small row per batch to the driver: the
 part files written, the batch's summary counts, and two rare kinds of leftovers as Arrow IPC bytes:
 - the running state of files whose windows were split across batches (max of scores, sums of embeddings,
-  segment indices seen: ~14 KB, whatever the number of windows); their windows are written here like any
-  other, and the driver merges the pieces and writes the clip row once the file is whole;
+  segment indices seen: ~14 KB, whatever the number of windows); their windows are written here too, in
+  a part of their own per file ("pieces"), and the driver merges the states and writes the clip row once
+  the file is whole, then commits it with its pieces;
 - files the long-file lane must take (error LONG_FILE), handed back to the driver.
 
 So the driver receives ~1 row per batch instead of every window's 7 KB of scores and embeddings, and its
@@ -29,12 +30,14 @@ import pyarrow.compute as pc
 from pipeline.tagging.aggregate import ClipAggregator, ZeroShot, clips_table
 from pipeline.audio.decode import LONG_FILE
 from pipeline.tagging.summary import RunSummary
-from pipeline.store.writer import PartWriter, RunWriters
+from pipeline.store.writer import PartWriter
 
 log = logging.getLogger(__name__)
 
 SINK_SCHEMA = pa.schema([
     ("segments_parts", pa.list_(pa.string())), ("clips_parts", pa.list_(pa.string())),
+    ("clip_ids", pa.list_(pa.string())),        # the clip rows in clips_parts
+    ("pieces", pa.list_(pa.struct([("clip_id", pa.string()), ("part", pa.string())]))),  # split files' windows
     ("clip_rows", pa.int64()), ("counts", pa.string()),   # RunSummary.counts() as JSON
     ("leftover", pa.binary()), ("handed_back", pa.binary()),
 ])
@@ -77,60 +80,90 @@ class WriteResults:
         summary = RunSummary(self.config.run_id)
         for clip in clips:
             summary.count(clip)
-        segment_parts, clip_parts = [], []
+        segment_parts, clip_parts, pieces = [], [], []
         if clips or len(segments):
             name = part_name(batch)
+            split = leftover.column("clip_id").to_pylist() if leftover is not None else []
+            in_split = pc.is_in(segments.column("clip_id"), pa.array(split, pa.string()))
             seg_writer, clip_writer = self.config.writers()
-            seg_writer.write(segments)
+            seg_writer.write(segments.filter(pc.invert(in_split)))
             seg_writer.flush(name)             # segments first, as RunWriters does
             clip_writer.write(clips_table(clips, clip_writer.schema))
             clip_writer.flush(name)
-            segment_parts, clip_parts = seg_writer.files, clip_writer.files
-        row = {"segments_parts": segment_parts, "clips_parts": clip_parts, "clip_rows": len(clips),
+            segment_parts, clip_parts = list(seg_writer.files), list(clip_writer.files)
+            for i, clip_id in enumerate(split):   # a part per split file: committed when the file is whole
+                seg_writer.write(segments.filter(pc.equal(segments.column("clip_id"), clip_id)))
+                written = len(seg_writer.files)
+                seg_writer.flush(f"{name}-{i}")
+                pieces += [{"clip_id": clip_id, "part": p} for p in seg_writer.files[written:]]
+        row = {"segments_parts": segment_parts, "clips_parts": clip_parts,
+               "clip_ids": [clip["clip_id"] for clip in clips], "pieces": pieces, "clip_rows": len(clips),
                "counts": json.dumps(summary.counts()), "leftover": to_ipc(leftover),
                "handed_back": to_ipc(handed_back)}
         return pa.Table.from_pylist([row], schema=SINK_SCHEMA)
 
 
 class Collector:
-    """The driver's side of the sink: collects the part files and counts of SINK_SCHEMA rows into
-    `summary`, finishes the files whose windows were split across batches (merges their pieces and
-    writes their clip rows; their windows are in the workers' segments parts), and
-    keeps the files handed back to the long-file lane. Work per row, not per window or file."""
+    """The driver's side of the sink: collects SINK_SCHEMA rows' counts into `summary` and their part
+    files into what is ready to commit, finishes the files whose windows were split across batches
+    (merges their states, writes their clip rows), and keeps the files handed back to the long-file lane.
+
+    What `take` hands to a commit is whole: the parts of files that were whole in a batch, and each split
+    file's clip row with all its pieces once its last window arrived; a split file still in flight holds
+    back only its own pieces. Work per row, not per window or file."""
 
     def __init__(self, config: SinkConfig, summary: RunSummary, rows_per_file: int = 20_000):
-        self.out = RunWriters(*config.writers(rows_per_file))
+        self.clips = config.writers(rows_per_file)[1]   # the clip rows of split files, once whole
         self.aggregator = config.aggregator()
         self.summary = summary
-        self.parts: dict[str, list[str]] = {"segments": [], "clips": []}
-        self.clip_rows = 0                     # clip rows in the workers' parts and the driver's
+        self.clip_rows = 0                     # clip rows received or written, over the run
         self.handed_back: list[pa.Table] = []  # window-schema rows of files too long for the lane
+        self._ready = {"segments": [], "clips": []}
+        self._ready_ids: list[str] = []
+        self._pieces: dict[str, list[str]] = {}   # split files' window parts, by clip_id
 
     def add(self, batch: pa.Table) -> None:
         for row in batch.to_pylist():
-            self.parts["segments"] += row["segments_parts"]
-            self.parts["clips"] += row["clips_parts"]
+            self._ready["segments"] += row["segments_parts"]
+            self._ready["clips"] += row["clips_parts"]
+            self._ready_ids += row["clip_ids"]
             self.clip_rows += row["clip_rows"]
+            for piece in row["pieces"]:
+                self._pieces.setdefault(piece["clip_id"], []).append(piece["part"])
             self.summary.merge(json.loads(row["counts"]))
             if row["handed_back"]:
                 self.handed_back.append(from_ipc(row["handed_back"]))
             if row["leftover"]:
                 clips = self.aggregator.add_partials(from_ipc(row["leftover"]))
                 if clips:
-                    self.out.write(self.out.segments.schema.empty_table(), clips_table(clips, self.out.clips.schema))
-                self.clip_rows += len(clips)
+                    self.clips.write(clips_table(clips, self.clips.schema))
+                    if self.clips.full:
+                        self.clips.flush()
                 for clip in clips:
+                    self._ready["segments"] += self._pieces.pop(clip["clip_id"])
+                    self._ready_ids.append(clip["clip_id"])
                     self.summary.count(clip)
+                self.clip_rows += len(clips)
 
-    def flush(self) -> None:
-        self.out.flush()
+    @property
+    def ready(self) -> int:
+        """Files whose rows `take` would hand over now."""
+        return len(self._ready_ids)
 
-    def finish(self) -> dict[str, list[str]]:
-        """Flush the driver's own parts; every part file written, by table."""
-        if self.aggregator.pending:
-            raise RuntimeError(f"{self.aggregator.pending} files never received all their windows")
-        self.out.flush()
-        return {t: self.parts[t] + self.out.parts()[t] for t in self.parts}
+    def take(self) -> tuple[dict[str, list[str]], pa.Array]:
+        """The part files ready to commit, by table, and the clip_ids of their clip rows; forgotten here."""
+        self.clips.flush()
+        parts = {"segments": self._ready["segments"], "clips": self._ready["clips"] + self.clips.files}
+        ids = pa.array(self._ready_ids, pa.string())
+        self._ready, self._ready_ids, self.clips.files = {"segments": [], "clips": []}, [], []
+        return parts, ids
+
+    def finish(self) -> tuple[dict[str, list[str]], pa.Array]:
+        """`take`, once every file is whole."""
+        if self.aggregator.pending or self._pieces:
+            raise RuntimeError(f"{max(self.aggregator.pending, len(self._pieces))} files never received all "
+                               "their windows")
+        return self.take()
 
 
 def part_name(batch: pa.Table) -> str:
