@@ -16,6 +16,7 @@ import sys
 
 import fsspec
 
+from pipeline.checkpoints import DEFAULT_PROMPT
 from pipeline.retrieval.ann import AnnConfig
 from pipeline.retrieval.search import Filters, Searcher, SearchError
 
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-score", type=float, default=0.3, help="threshold for --label")
     p.add_argument("--min-duration", type=float, help="keep clips at least this long (seconds)")
     p.add_argument("--uri-prefix", help="keep clips whose URI starts with this")
-    p.add_argument("--prompt", default="This is a sound of {label}.", help="zero-shot prompt template")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="zero-shot prompt template")
     p.add_argument("--exact", action="store_true", help="exact search even when the ANN index is current")
     p.add_argument("--rerank", type=int,
                    help="ANN candidates re-scored exactly per hit asked for (more: higher recall for queries unlike "

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_AST = "MIT/ast-finetuned-audioset-10-10-0.4593"
 DEFAULT_CLAP = "laion/clap-htsat-unfused"
+DEFAULT_PROMPT = "This is a sound of {label}."   # CLAP text prompt for a label (zero-shot, calibration)
 SAFE_LOAD = {"use_safetensors": True, "trust_remote_code": False}
 
 

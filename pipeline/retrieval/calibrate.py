@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from pipeline.checkpoints import DEFAULT_PROMPT
 from pipeline.retrieval.ann import AnnConfig
 from pipeline.retrieval.search import _Mask, rerank
 from pipeline.retrieval.vectors import VectorStore
@@ -46,11 +47,9 @@ class CalibrationConfig:
 def query_texts(labels: list[str], max_queries: int) -> list[str]:
     """Up to `max_queries` labels, evenly spaced through the list (the same sample on every build), in
     the tagging job's zero-shot prompt."""
-    from pipeline.tagging.job import TagJobConfig  # the job's prompt, one constant; imported here: it pulls in Ray
-
     if len(labels) > max_queries:
         labels = [labels[i] for i in np.linspace(0, len(labels) - 1, max_queries).round().astype(int)]
-    return [TagJobConfig.zero_shot_prompt.format(label=label) for label in labels]
+    return [DEFAULT_PROMPT.format(label=label) for label in labels]
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:

@@ -12,8 +12,6 @@ from pipeline.models.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.audio.features_clap import ClapMel, ClapMelConfig
 from pipeline.audio.windows import WindowConfig, plan_windows, sample_span
 
-DEFAULT_PROMPT = "This is a sound of {label}."
-
 
 class TextEncoder:
     """Callable: list of texts -> (N, dim) L2-normalised CLAP text embeddings."""

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.checkpoints import DEFAULT_PROMPT
 from pipeline.retrieval.labels import read_label
 from pipeline.store import delta
 from pipeline.retrieval.ann import AnnConfig, project
@@ -288,7 +289,7 @@ class Searcher:
             self._audio = AudioEncoder(self.model["source"])
         return self._audio(data)
 
-    def zero_shot(self, labels: list[str], prompt: str = "This is a sound of {label}.", top: int = 3) -> list[dict]:
+    def zero_shot(self, labels: list[str], prompt: str = DEFAULT_PROMPT, top: int = 3) -> list[dict]:
         """Per clip, the `top` labels of a user's label set by CLAP audio-text similarity (softmax)."""
         text = self.embed_text([prompt.format(label=label) for label in labels])
         clips = self.tables["clips"]

@@ -27,7 +27,7 @@ from pipeline.store import delta, faults
 from pipeline.store.settings import check_settings
 from pipeline.store.lease import Lease
 from pipeline.store.ledger import committed_identity, not_transient
-from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, describe, label_names, loading, model_config
+from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, DEFAULT_PROMPT, describe, label_names, loading, model_config
 from pipeline.models.device import resolve_precision
 from pipeline.models.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.audio.features_ast import AstFbankConfig
@@ -76,7 +76,7 @@ class TagJobConfig:
     stall_timeout_s: float = 600.0  # fail (not wait) when the Ray Data execution makes no progress this long
     max_error_rate: float | None = None  # fraction of processed files; more errors fail the run (exit 1)
     zero_shot_labels: tuple[str, ...] = ()
-    zero_shot_prompt: str = "This is a sound of {label}."
+    zero_shot_prompt: str = DEFAULT_PROMPT
     replace_settings: bool = False  # settings differ from the table's: rebuild it and swap it in at the end
     run_id: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).strftime(
         "%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3))
