@@ -97,8 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     models.add_argument("--zero-shot-prompt", default=D.zero_shot_prompt,
                         help="prompt template for --zero-shot; {label} is replaced by each label")
     models.add_argument("--replace-settings", action="store_true",
-                        help="when these settings differ from the table's: reprocess every file and swap the new "
-                             "table in when the run ends (without it such a run is refused, exit status 6)")
+                        help="when these settings differ from the table's: reprocess every file into staging tables "
+                             "and swap them in when the run ends (a killed replacement resumes when rerun with "
+                             "this flag; without it such a run is refused, exit status 6)")
     run = p.add_argument_group("run behaviour")
     run.add_argument("--shard-files", type=_positive(int), default=D.shard_files,
                      help="files per commit: the run's one execution streams, and every time this many files "

@@ -33,8 +33,10 @@ def test_kills_at_every_commit_step_then_a_clean_rerun_equal_one_clean_run(check
     # the steps before any commit (lease-acquired, parts-written) and more orders are in the soak (test_soak.py)
     chain = [("a", "segments-added@2", ()), ("b", "clips-committed@1", ()), ("c", "rewrites-written@1", ()),
              ("d", "segments-cleaned@1", ()),
-             # a settings change (--replace-settings): killed inside its swap, finished by the next run
-             ("g", "clips-committed@1", ("--hop", "5", "--replace-settings"))]
+             # a settings change (--replace-settings): killed after its first shard into the staging tables
+             # (readers still see the old table), resumed by the next, killed inside its swap, finished
+             ("f", "clips-committed@1", ("--hop", "5", "--replace-settings")),
+             ("g", "swap-clips-committed@1", ("--hop", "5", "--replace-settings"))]
     for run_id, fault, extra in chain:
         if run_id == "c":   # a file changes between runs: its row and windows are replaced, never doubled
             (tmp_path / "in" / "f1.wav").write_bytes(encode(signal(14.0, 16_000, seed=99), 16_000, "WAV"))
@@ -43,6 +45,10 @@ def test_kills_at_every_commit_step_then_a_clean_rerun_equal_one_clean_run(check
         assert_consistent(out)
         if run_id == "a":
             _assert_index_holds_the_windows_of_clip_rows_only(out)
+        if run_id == "f":
+            staged = _assert_replacement_staged_beside_the_table(out)
+        if run_id == "g":   # resumed f's staging tables: f's rows stay, g added the rest
+            assert set(_staged_clips(staged).run_id) == {"f", "g"}
     (tmp_path / "in" / "f2.wav").write_bytes(encode(signal(3.0, 16_000, seed=98), 16_000, "WAV"))
     shards = (*shards, "--hop", "5")
     status, summary, stderr = tag(manifest, out, checkpoints, "clean", *shards)
@@ -68,6 +74,23 @@ def _assert_index_holds_the_windows_of_clip_rows_only(out):
     joined = segments.merge(ok[["clip_id", "run_id"]], on=["clip_id", "run_id"])
     assert 0 < len(joined) < len(segments)   # the half-committed shard's windows are in the table
     assert (info["rows"]["segments"], info["rows"]["clips"]) == (len(joined), len(ok))
+
+
+def _staged_clips(staged):
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(staged)).to_pandas()
+
+
+def _assert_replacement_staged_beside_the_table(out):
+    """A replacement killed after its first shard: its rows are in its staging tables (nested in the
+    tables' roots), the current table is untouched (the old settings, no row of the replacement)."""
+    from tests.crash import plain_tables
+
+    (staged,) = (out / "clips").glob("_replace-*")
+    clips, _ = plain_tables(out)
+    assert "f" not in set(clips.run_id) and 0 < len(_staged_clips(staged)) < 7
+    return staged
 
 
 def test_a_second_run_is_refused_at_once_while_the_output_is_held(checkpoints, tmp_path):

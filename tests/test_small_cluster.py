@@ -1,5 +1,6 @@
 """A cluster of two 1-CPU nodes (the issue's case): the job plans from node shapes and completes; a
-stage that no node can hold fails the run with the reason instead of waiting."""
+stage that no node can hold fails the run with the reason instead of waiting, over a table of files or
+the run's feed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ray.cluster_utils import Cluster
 from ray._private.state import actors as actor_table  # GCS table: the state API needs a dashboard
 
 from pipeline.store.ledger import read_current
+from pipeline.tagging.feed import FileFeed, Listing
 from pipeline.tagging.job import TagJobConfig, _stream, build_dataset, model_stages, run_tag_job
 from pipeline.tagging.resources import PlacementError, ResourcePlan, node_shapes, plan_resources
 from pipeline.tagging.sources import FILE_SCHEMA
@@ -59,3 +61,33 @@ def test_a_stage_no_node_can_hold_fails_with_the_reason(two_one_cpu_nodes, check
             pass
     assert "ast_cpus=2.0" in str(err.value) and "CPU 1" in str(err.value)
     assert time.monotonic() - started < 120
+
+
+def test_over_a_feed_a_stuck_stage_fails_and_a_slow_listing_does_not(two_one_cpu_nodes, checkpoints):
+    """Over the run's feed a watchdog replaces Ray Data's no-progress guard: a stage no node can hold
+    still fails the run with the reason; a listing that finds nothing new for longer than the timeout
+    (skipping unchanged files) is not a stall."""
+    cfg = TagJobConfig(input=".", output=".", ast_model=checkpoints["ast"], clap_model=checkpoints["clap"])
+    files = pa.Table.from_pylist([{"clip_id": "x", "uri": "/nonexistent.wav", "size_bytes": 1}], schema=FILE_SCHEMA)
+
+    stuck = ResourcePlan(1, 1, 0.0, 2.0, 0.5)
+    feed = FileFeed.remote(100)
+    listing = Listing(feed, iter([files]))
+    listing.start()
+    started = time.monotonic()
+    with pytest.raises(PlacementError, match="made no progress for 8 s") as err:
+        for _ in _stream(build_dataset(feed, model_stages(cfg, stuck), stuck, 4), 8, stuck, listing):
+            pass
+    assert "ast_cpus=2.0" in str(err.value) and time.monotonic() - started < 90
+
+    def slow_listing():
+        time.sleep(20)   # 2.5x the timeout with nothing to feed
+        yield files
+
+    plan = plan_resources(node_shapes())
+    feed = FileFeed.remote(100)
+    listing = Listing(feed, slow_listing())
+    listing.start()
+    rows = pa.concat_tables(list(_stream(build_dataset(feed, model_stages(cfg, plan), plan, 4), 8, plan, listing)))
+    assert rows.column("clip_id").to_pylist() == ["x"] and rows.column("status").to_pylist() == ["error"]
+    assert listing.result() == 1

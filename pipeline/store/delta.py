@@ -75,8 +75,30 @@ def storage_options(output: str) -> dict[str, str] | None:
     return options
 
 
+class Staging(str):
+    """OUTPUT, standing for the staging tables of a settings replacement: OUTPUT/{table}/{directory}.
+    Nested in the current tables' roots (under a "_" name, which readers listing the root skip), so the
+    swap adds their data files by relative paths; delta-rs does not read absolute ones. Every function
+    here takes it where it takes OUTPUT."""
+
+    directory: str
+
+    def __new__(cls, output: str, directory: str) -> "Staging":
+        staged = super().__new__(cls, output)
+        staged.directory = directory
+        return staged
+
+
+def staging(output: str, settings_hash: str, base_version: int) -> Staging:
+    """The staging tables of the replacement of OUTPUT's tables (at clips version `base_version`) by
+    results with `settings_hash`: a killed replacement resumes in the same ones, with the same settings
+    from the same table; any other replacement starts afresh."""
+    return Staging(output, f"_replace-{settings_hash}-v{base_version}")
+
+
 def table_uri(output: str, table: str) -> str:
-    return f"{output.rstrip('/')}/{table}"
+    base = f"{output.rstrip('/')}/{table}"
+    return f"{base}/{output.directory}" if isinstance(output, Staging) else base
 
 
 def open_table(output: str, table: str, version: int | None = None):
@@ -197,7 +219,7 @@ def table_settings_values(dt) -> dict | None:
 
 
 def commit_shard(output: str, seq: int, run_id: str, settings: Settings, parts: dict[str, list[str]],
-                 schemas: dict[str, pa.Schema], reprocessed: pa.Array, overwrite: bool = False,
+                 schemas: dict[str, pa.Schema], reprocessed: pa.Array, overwrite: str | None = None,
                  fault: Callable[[str], None] = lambda step: None) -> dict[str, int]:
     """Commit shard `seq` (its part files) to both tables in three Delta commits, each under an app
     transaction (a shard already committed is a no-op):
@@ -205,8 +227,8 @@ def commit_shard(output: str, seq: int, run_id: str, settings: Settings, parts: 
     2. clips: the shard's clip rows are added, and the rows they replace removed (files holding rows of
        `reprocessed` clip_ids, found in the table as it is now, are swapped for copies without them), or,
        with `overwrite` (a settings change), the table is replaced (APP_ID = seq);
-    3. segments: the windows of replaced clip rows are removed the same way, or with `overwrite` every
-       file not written by this run (CLEANUP_ID = seq).
+    3. segments: the windows of replaced clip rows are removed the same way, or with `overwrite` (a
+       path prefix: the parts' folder) every file outside it (CLEANUP_ID = seq).
     At every point each clip row's windows (same clip_id and run_id) are all in segments, once.
     `fault(step)` is called between steps (the crash tests' hook). Returns the new table versions."""
     fs, _ = fsspec.core.url_to_fs(output)
@@ -219,14 +241,14 @@ def commit_shard(output: str, seq: int, run_id: str, settings: Settings, parts: 
         _, root = fsspec.core.url_to_fs(table_uri(output, table))
         root = root.rstrip("/")
         adds = [_add(fs, root, path) for path in parts.get(table, [])]
-        mode = "create" if dt is None else "overwrite" if overwrite else "append"
+        mode = "create" if dt is None else "overwrite" if overwrite is not None else "append"
         stale = _without(dt, fs, root, reprocessed, run_id) if mode == "append" else []
         if table == "clips":
             plans["clips"] = {"mode": mode, "actions": adds + stale, "schema": _schema_json(schemas[table])}
         else:
             plans["segments"] = {"mode": "create" if dt is None else "append", "actions": adds,
                                  "schema": _schema_json(schemas[table])}
-            plans["cleanup"] = {"actions": stale, "keep_only": f"{run_id}/" if mode == "overwrite" else None}
+            plans["cleanup"] = {"actions": stale, "keep_only": overwrite if mode == "overwrite" else None}
     fault("rewrites-written")
     info = settings.commit_info(run_id, seq)
     if shard_seq(open_table(output, "segments")) < seq:
@@ -240,6 +262,15 @@ def commit_shard(output: str, seq: int, run_id: str, settings: Settings, parts: 
     _cleanup(output, plans["cleanup"], seq, info)
     fault("segments-cleaned")
     return versions(output)
+
+
+def swap_in(output: str, staged: Staging, run_id: str, settings: Settings, schemas: dict[str, pa.Schema],
+            fault: Callable[[str], None] = lambda step: None) -> dict[str, int]:
+    """Replace OUTPUT's tables by the staging tables' current rows, as the next shard (three commits,
+    as `commit_shard`: readers see the old table until the clips commit, then the new one)."""
+    parts = {t: data_files(staged, t) for t in TABLES}
+    return commit_shard(output, shard_seq(open_table(output, "clips")) + 1, run_id, settings, parts, schemas,
+                        pa.array([], pa.string()), overwrite=f"{staged.directory}/", fault=fault)
 
 
 def recover(output: str) -> int | None:

@@ -4,7 +4,7 @@
 process at once, with no cleanup, as a preemption or OOM kill would. Unset (always, outside tests), a
 call costs one dictionary lookup. The steps: lease-acquired (once a run holds OUTPUT), then per shard
 parts-written, rewrites-written, segments-added, clips-committed, segments-cleaned (store/delta.py's
-commit_shard), and summary-saved at the end of a run.
+commit_shard), the same prefixed swap- in a settings replacement's swap, and summary-saved at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import signal
 
 ENV = "AUDIO_TAGGING_FAULT"
 STEPS = ("lease-acquired", "parts-written", "rewrites-written", "segments-added", "clips-committed",
-         "segments-cleaned", "summary-saved")
+         "segments-cleaned", "swap-rewrites-written", "swap-segments-added", "swap-clips-committed",
+         "swap-segments-cleaned", "summary-saved")
 
 log = logging.getLogger(__name__)
 _reached: collections.Counter = collections.Counter()

@@ -261,8 +261,14 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
         _warn_untrained(metadata)
         replace = check_settings(cfg.output, table, delta.table_settings(clips) if clips else None, settings,
                                  cfg.replace_settings)
-        skip = SkipCheck.build(cfg.output, settings.hash if not replace else None)
-        commits = Commits(cfg, settings, skip, lease, replace, delta.shard_seq(clips))
+        target = cfg.output
+        if replace:   # shards go to staging tables, swapped in when the run ends
+            target = delta.staging(cfg.output, settings.hash, clips.version())
+            delta.recover(target)
+            if delta.open_table(target, "clips") is not None:
+                log.info("resuming the replacement an earlier run staged in %s/clips/%s", cfg.output, target.directory)
+        skip = SkipCheck.build(target, settings.hash)
+        commits = Commits(cfg, settings, skip, lease, target)
         _tag(cfg, stages, plan, metadata, summary, Progress(summary), skip, commits)
         commits.finish()
         if not commits.shards:
@@ -278,17 +284,22 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
 
 
 class Commits:
-    """A run's shard commits: each `commit` adds completed files' parts to both Delta tables as the next
-    shard (delta.commit_shard), replacing the rows they reprocess; with `replace` (a settings change) the
-    parts are held and `finish` swaps them in as one shard that replaces the table."""
+    """A run's shard commits: each `commit` adds completed files' parts to both Delta tables of `target`
+    as its next shard (delta.commit_shard), replacing the rows they reprocess. `target` is OUTPUT, or for
+    a settings change the staging tables (delta.Staging), which `finish` swaps in as one shard that
+    replaces OUTPUT's tables: readers never see a partial table, and a killed replacement resumes."""
 
-    def __init__(self, cfg: TagJobConfig, settings: delta.Settings, skip: "SkipCheck", lease: Lease,
-                 replace: bool, seq: int):
-        self.cfg, self.settings, self.skip, self.lease, self.replace, self.seq = cfg, settings, skip, lease, replace, seq
+    def __init__(self, cfg: TagJobConfig, settings: delta.Settings, skip: "SkipCheck", lease: Lease, target: str):
+        self.cfg, self.settings, self.skip, self.lease, self.target = cfg, settings, skip, lease, target
+        self.seq = delta.shard_seq(delta.open_table(target, "clips"))
         self.schemas = table_schemas(cfg)
         self.shards = 0
         self.last = time.monotonic()
-        self._held = {"segments": [], "clips": []}
+
+    @property
+    def parts_dir(self) -> str:
+        """Where the parts go under each table's root: "" (the run's folder), or the staging tables'."""
+        return self.target.directory if isinstance(self.target, delta.Staging) else ""
 
     def due(self, ready: int) -> bool:
         """`ready` completed files are enough for a shard, or have waited `flush_every_s`."""
@@ -300,19 +311,17 @@ class Commits:
             return
         faults.point("parts-written")
         self.shards += 1
-        if self.replace:
-            self._held = {t: self._held[t] + parts[t] for t in self._held}
-            return
         self.lease.check()
         self.seq += 1
-        delta.commit_shard(self.cfg.output, self.seq, self.cfg.run_id, self.settings, parts, self.schemas,
+        delta.commit_shard(self.target, self.seq, self.cfg.run_id, self.settings, parts, self.schemas,
                            self.skip.replaced(clip_ids), fault=faults.point)
 
     def finish(self) -> None:
-        if self.replace and self.shards:
+        """Swap a replacement's staging tables in (also one that an earlier, killed run staged whole)."""
+        if isinstance(self.target, delta.Staging) and delta.open_table(self.target, "clips") is not None:
             self.lease.check()
-            delta.commit_shard(self.cfg.output, self.seq + 1, self.cfg.run_id, self.settings, self._held,
-                               self.schemas, pa.array([], pa.string()), overwrite=True, fault=faults.point)
+            delta.swap_in(self.cfg.output, self.target, self.cfg.run_id, self.settings, self.schemas,
+                          fault=lambda step: faults.point(f"swap-{step}"))
 
 
 def _new_files(chunks, skip: "SkipCheck", summary: RunSummary):
@@ -336,7 +345,7 @@ def _tag(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: d
     windows were split across batches, writing their clip rows itself."""
     schemas = table_schemas(cfg)
     sink = SinkConfig(cfg.output, cfg.run_id, tuple(label_names(cfg.ast_model)), cfg.top_k, schemas["segments"],
-                      schemas["clips"], json.dumps(metadata, sort_keys=True), _zero_shot(cfg))
+                      schemas["clips"], json.dumps(metadata, sort_keys=True), _zero_shot(cfg), commits.parts_dir)
     collector = Collector(sink, summary, cfg.rows_per_file)
     short, long = lanes(cfg, stages.featurize)
     log.info("featurize tasks reserve %.2f GB for files up to %g s; longer files run afterwards, "

@@ -56,11 +56,13 @@ class SinkConfig:
     clips_schema: pa.Schema
     metadata: str                     # run metadata, JSON
     zero_shot: ZeroShot | None = None
+    parts_dir: str = ""               # under each table's root, above the run's folder (a replacement's staging)
 
     def writers(self, rows_per_file: int = 1 << 62) -> tuple[PartWriter, PartWriter]:
         meta = json.loads(self.metadata)
-        return (PartWriter(self.output, "segments", self.run_id, self.segments_schema, meta, rows_per_file),
-                PartWriter(self.output, "clips", self.run_id, self.clips_schema, meta, rows_per_file))
+        return tuple(PartWriter(self.output, "/".join(filter(None, (table, self.parts_dir))), self.run_id, schema,
+                                meta, rows_per_file)
+                     for table, schema in (("segments", self.segments_schema), ("clips", self.clips_schema)))
 
     def aggregator(self) -> ClipAggregator:
         return ClipAggregator(list(self.label_names), self.top_k, self.run_id, self.zero_shot)
