@@ -402,7 +402,7 @@ def _stream(dataset: ray.data.Dataset, stall_timeout_s: float, plan: ResourcePla
         free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         raise PlacementError(f"the job made no progress for {stall_timeout_s:g} s and was stopped rather than "
                              f"left waiting. Resource plan: {plan}. Nodes: {_describe_nodes()}. Free now: "
-                             f"{free}. Ray Data said: {e or 'nothing (its input kept coming)'}") from e
+                             f"{free}. Ray Data said: {str(e) or 'nothing (over the feed the watchdog stopped it)'}") from e
     except Exception as e:
         cause = _output_error(e)
         if cause is None:
