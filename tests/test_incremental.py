@@ -318,6 +318,20 @@ def test_a_run_commits_in_shards_while_its_one_execution_streams(job, caplog):
     assert len(executions) == 1
     current = _assert_every_clip_whole(out, 20)
     assert set(current.run_id) == {"sharded"}
+    _assert_no_feed_outlives_its_run()
+
+
+def _assert_no_feed_outlives_its_run(wait_s: float = 20.0) -> None:
+    """The run's FileFeed actor is killed when the run ends, not left in a Ray session that runs many."""
+    from ray._private.state import actors as actor_table
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [a for a in actor_table().values() if a["ActorClassName"] == "FileFeed" and a["State"] != "DEAD"]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not alive
 
 
 def test_shards_of_files_split_across_batches_lose_and_repeat_nothing(job):

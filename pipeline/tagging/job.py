@@ -352,33 +352,36 @@ def _tag(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: d
              "reserving %.2f GB each", short.memory / 1e9, short.max_s, long.memory / 1e9)
     batch_size = cfg.batch_size or plan.batch_size
     feed = FileFeed.remote(FEED_QUEUE)
-    listing = Listing(feed, _new_files(iter_inputs(ListingConfig(cfg.input)), skip, summary))
-    listing.start()
-    listing.first.wait()
-    source = feed if listing.fed else None     # nothing new: no execution, no actors started
-    for lane in (short, long):
-        if source is None:
-            break
-        progress.started()
-        dataset = build_dataset(source, stages, plan, batch_size, lane, sink, min(cfg.rows_per_file, 8 * batch_size))
-        for batch in _stream(dataset, cfg.stall_timeout_s, plan, listing if source is feed else None):
-            collector.add(batch)
-            progress.tick()
-            if commits.due(collector.ready):
-                commits.commit(*collector.take())
-                progress.tick(force=True)
-        progress.listing_done = True
-        source = _files(pa.concat_tables(collector.handed_back)) if collector.handed_back else None
-        collector.handed_back = []
-        if source is not None:
-            log.info("%d files are longer than %g s: featurizing them in the long-file lane", len(source), short.max_s)
-    commits.commit(*collector.finish())
-    fed = listing.result()   # the listing's error, if it failed (the files it fed are committed)
-    if not summary.files_seen:
-        raise InputError(f"input {cfg.input} lists no audio files: nothing to tag (check the path, the "
-                         "extensions, or the manifest)")
-    if collector.clip_rows != fed:
-        raise RuntimeError(f"wrote {collector.clip_rows} clip rows for {fed} input files")
+    try:
+        listing = Listing(feed, _new_files(iter_inputs(ListingConfig(cfg.input)), skip, summary))
+        listing.start()
+        listing.first.wait()
+        source = feed if listing.fed else None     # nothing new: no execution, no actors started
+        for lane in (short, long):
+            if source is None:
+                break
+            progress.started()
+            dataset = build_dataset(source, stages, plan, batch_size, lane, sink, min(cfg.rows_per_file, 8 * batch_size))
+            for batch in _stream(dataset, cfg.stall_timeout_s, plan, listing if source is feed else None):
+                collector.add(batch)
+                progress.tick()
+                if commits.due(collector.ready):
+                    commits.commit(*collector.take())
+                    progress.tick(force=True)
+            progress.listing_done = True
+            source = _files(pa.concat_tables(collector.handed_back)) if collector.handed_back else None
+            collector.handed_back = []
+            if source is not None:
+                log.info("%d files are longer than %g s: featurizing them in the long-file lane", len(source), short.max_s)
+        commits.commit(*collector.finish())
+        fed = listing.result()   # the listing's error, if it failed (the files it fed are committed)
+        if not summary.files_seen:
+            raise InputError(f"input {cfg.input} lists no audio files: nothing to tag (check the path, the "
+                             "extensions, or the manifest)")
+        if collector.clip_rows != fed:
+            raise RuntimeError(f"wrote {collector.clip_rows} clip rows for {fed} input files")
+    finally:   # the feed ends with the run, not with the driver (a Ray session may run many)
+        ray.kill(feed)
 
 
 FEED_QUEUE = 100_000   # listed files waiting in the feed (~200 B each)
