@@ -244,7 +244,7 @@ def run_tag_job(cfg: TagJobConfig) -> dict:
     run left half-committed, then skips files already tagged with the same models and settings (same
     clip_id, size, modified time and etag in the current table) and processes the rest in one Ray Data
     execution, committing completed files every `shard_files` files or `flush_every_s` seconds as it
-    streams (with `replace_settings`, once at the end, in one swap).
+    streams (a settings change with `replace_settings`: into staging tables, swapped in at the end).
     """
     check_writable(cfg.output)
     with Lease(cfg.output, cfg.run_id, purpose="tag") as lease:   # before any work: a second run stops here
