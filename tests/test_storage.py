@@ -4,6 +4,7 @@ inputs, manifests, checkpoints and outputs in the bucket; retries; a file that n
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -109,7 +110,8 @@ def test_checkpoint_downloads_once_per_node_under_concurrency(s3, tmp_path):
     fs.put(str(Path(resolve(f"s3://{BUCKET}/models/ast"))), f"{BUCKET}/models/ast-copy", recursive=True)
     os.environ["AUDIO_TAGGING_CACHE"] = str(tmp_path / "fresh-cache")
     before = {k: v for k, v in proxy.gets.items() if "/models/ast-copy/" in k}
-    with ProcessPoolExecutor(4) as pool:
+    # spawned, not forked: a fork of this process (Ray's gRPC threads running) can leave its GCS client hung
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
         paths = list(pool.map(_resolve_in_process, [f"s3://{BUCKET}/models/ast-copy"] * 4))
     assert len(set(paths)) == 1 and (Path(paths[0]) / "model.safetensors").exists()
     after = {k: v for k, v in proxy.gets.items() if "/models/ast-copy/" in k}

@@ -107,6 +107,11 @@ class ClipAggregator:
         """Files with windows still outstanding."""
         return len(self._partial)
 
+    def forget(self, clip_ids: list[str]) -> None:
+        """Drop the running state of these files (they are processed again from the start)."""
+        for clip_id in clip_ids:
+            self._partial.pop(clip_id, None)
+
     def pending_ids(self) -> list[str]:
         """clip_ids of the files with windows still outstanding."""
         return list(self._partial)

@@ -33,8 +33,10 @@ PUT_ROWS = 1_000   # files per put: the feed's bound on queued files holds to th
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class FileFeed:
-    """Files listed and not yet taken, at most `queue_files` (+ PUT_ROWS). Async: `put` waits for room
-    and `take` for files without blocking each other."""
+    """Files listed and not yet taken, at most `queue_files` (+ PUT_ROWS), and the files taken whose rows
+    the driver has not reported (`done`): those a featurize task on a lost node took are `lost()` at the
+    end, for the run to process again. Async: `put` waits for room and `take` for files without blocking
+    each other."""
 
     def __init__(self, queue_files: int):
         self.queue_files = queue_files
@@ -42,12 +44,15 @@ class FileFeed:
         self.queued = self.taken = 0
         self.closed = False
         self.changed = asyncio.Condition()
+        self.in_flight: dict[str, dict] = {}   # clip_id -> FILE_SCHEMA row, taken and not done
+        self.schema: pa.Schema | None = None
 
     async def put(self, files: pa.Table) -> None:
         async with self.changed:
             await self.changed.wait_for(lambda: self.queued < self.queue_files)
             self.queue.append(files)
             self.queued += len(files)
+            self.schema = files.schema
             self.changed.notify_all()
 
     async def close(self) -> None:
@@ -72,7 +77,18 @@ class FileFeed:
             self.queued -= got
             self.taken += got
             self.changed.notify_all()
-            return pa.concat_tables(parts)
+            files = pa.concat_tables(parts)
+            self.in_flight.update(zip(files.column("clip_id").to_pylist(), files.to_pylist()))
+            return files
+
+    async def done(self, clip_ids: list[str]) -> None:
+        """These files' rows reached the driver (or they were handed back to another lane)."""
+        for clip_id in clip_ids:
+            self.in_flight.pop(clip_id, None)
+
+    async def lost(self) -> pa.Table | None:
+        """Files taken whose rows never came: their featurize task's node was lost mid-run."""
+        return pa.Table.from_pylist(list(self.in_flight.values()), self.schema) if self.in_flight else None
 
     def counts(self) -> tuple[int, int]:
         """(files queued, files taken so far)."""

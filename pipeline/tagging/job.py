@@ -351,28 +351,38 @@ def _tag(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan, metadata: d
     log.info("featurize tasks reserve %.2f GB for files up to %g s; longer files run afterwards, "
              "reserving %.2f GB each", short.memory / 1e9, short.max_s, long.memory / 1e9)
     batch_size = cfg.batch_size or plan.batch_size
-    feed = FileFeed.remote(FEED_QUEUE)
+    # on the driver's node: a run survives losing any other node, and its feed must too
+    here = {"label_selector": {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}}
+    feed = FileFeed.options(**here).remote(FEED_QUEUE)
     try:
         listing = Listing(feed, _new_files(iter_inputs(ListingConfig(cfg.input)), skip, summary))
         listing.start()
         listing.first.wait()
-        source = feed if listing.fed else None     # nothing new: no execution, no actors started
-        for lane in (short, long):
-            if source is None:
-                break
+        passes = [(short, feed)] if listing.fed else []   # nothing new: no execution, no actors started
+        while passes:
+            lane, source = passes.pop(0)
             progress.started()
             dataset = build_dataset(source, stages, plan, batch_size, lane, sink, min(cfg.rows_per_file, 8 * batch_size))
             for batch in _stream(dataset, cfg.stall_timeout_s, plan, listing if source is feed else None):
-                collector.add(batch)
+                for row in range(len(batch)):   # a row per sink batch of 256 to 2,048 windows
+                    left = collector.add(batch.slice(row, 1))
+                    if source is feed:   # acknowledged before the next row (~1 ms)
+                        ray.get(feed.done.remote(left))
+                    if commits.due(collector.ready):
+                        commits.commit(*collector.take())
+                        progress.tick(force=True)
                 progress.tick()
-                if commits.due(collector.ready):
-                    commits.commit(*collector.take())
-                    progress.tick(force=True)
             progress.listing_done = True
-            source = _files(pa.concat_tables(collector.handed_back)) if collector.handed_back else None
-            collector.handed_back = []
-            if source is not None:
-                log.info("%d files are longer than %g s: featurizing them in the long-file lane", len(source), short.max_s)
+            lost = ray.get(feed.lost.remote()) if source is feed else None
+            if lost is not None:   # taken by featurize tasks on a node that was lost: processed again
+                log.warning("%d files were in flight on a lost node: processing them again", len(lost))
+                collector.forget(lost.column("clip_id").to_pylist())
+                passes.append((short, lost))
+            if collector.handed_back:
+                files = _files(pa.concat_tables(collector.handed_back))
+                collector.handed_back = []
+                log.info("%d files are longer than %g s: featurizing them in the long-file lane", len(files), short.max_s)
+                passes.append((long, files))
         commits.commit(*collector.finish())
         fed = listing.result()   # the listing's error, if it failed (the files it fed are committed)
         if not summary.files_seen:

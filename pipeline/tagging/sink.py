@@ -124,8 +124,12 @@ class Collector:
         self._ready_ids: list[str] = []
         self._pieces: dict[str, list[str]] = {}   # split files' window parts, by clip_id
 
-    def add(self, batch: pa.Table) -> None:
+    def add(self, batch: pa.Table) -> list[str]:
+        """Take SINK_SCHEMA rows; returns the clip_ids of the files that left the pipeline with them
+        (their clip rows are ready, or they were handed back to the long-file lane)."""
+        left = []
         for row in batch.to_pylist():
+            left += row["clip_ids"]
             self._ready["segments"] += row["segments_parts"]
             self._ready["clips"] += row["clips_parts"]
             self._ready_ids += row["clip_ids"]
@@ -135,6 +139,7 @@ class Collector:
             self.summary.merge(json.loads(row["counts"]))
             if row["handed_back"]:
                 self.handed_back.append(from_ipc(row["handed_back"]))
+                left += self.handed_back[-1].column("clip_id").to_pylist()
             if row["leftover"]:
                 clips = self.aggregator.add_partials(from_ipc(row["leftover"]))
                 if clips:
@@ -144,8 +149,17 @@ class Collector:
                 for clip in clips:
                     self._ready["segments"] += self._pieces.pop(clip["clip_id"])
                     self._ready_ids.append(clip["clip_id"])
+                    left.append(clip["clip_id"])
                     self.summary.count(clip)
                 self.clip_rows += len(clips)
+        return left
+
+    def forget(self, clip_ids: list[str]) -> None:
+        """Drop what arrived of files that are processed again (their featurize task's node was lost):
+        their pieces are never committed, their running state starts afresh."""
+        for clip_id in clip_ids:
+            self._pieces.pop(clip_id, None)
+        self.aggregator.forget(clip_ids)
 
     @property
     def ready(self) -> int:
