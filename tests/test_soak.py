@@ -50,7 +50,7 @@ def test_seeded_soak_of_random_kill_points(checkpoints, tmp_path):
         assert status in (0, 1, -9), stderr   # 1: a run whose only work was the missing file (all transient)
         assert_consistent(out)
     status, _, stderr = tag(manifest, out, checkpoints, "final", "--hop", hop, "--replace-settings")
-    assert status == 0, stderr
+    assert status in (0, 1), stderr   # 1: everything else was committed already; only the missing file was left
     uris = {line for line in manifest.read_text().splitlines()}
     assert_consistent(out, uris)
     reference = tmp_path / "reference"
