@@ -1,6 +1,7 @@
 """Driver-side ceilings of the job: aggregation + Parquet writing per window, and the skip check.
 
-(a) Aggregate + write. The job's own `ClipAggregator`, `clips_table` and `RunWriters` (two `PartWriter`s,
+(a) Aggregate + write. The job's own `ClipAggregator`, `clips_table` and `RunWriters` (below: the driver's
+writers before the workers' sink; two `PartWriter`s,
 zstd Parquet, 20,000-row parts, to a temporary directory) over 256-window batches of full-size window
 rows as they leave the CLAP actors (every FILE_COLUMNS column, status/error/error_detail, segment_index,
 start_s/end_s, scores 527 x f32, AST embedding 768 x f32, CLAP embedding 512 x f32; random values),
@@ -55,6 +56,29 @@ TOP_K = 5            # the job's default
 
 
 
+
+class RunWriters:
+    """The segments and clips writers of one run, flushed together, segments first."""
+
+    def __init__(self, segments: PartWriter, clips: PartWriter):
+        self.segments, self.clips = segments, clips
+
+    def write(self, segments: pa.Table, clips: pa.Table | None) -> None:
+        """Buffer a batch's finished windows and clips; flush both when either is full."""
+        self.segments.write(segments)
+        if clips is not None:
+            self.clips.write(clips)
+        if self.segments.full or self.clips.full:
+            self.flush()
+
+    def flush(self) -> None:
+        # segments first: every clip row in a complete part has all its windows in complete parts
+        self.segments.flush()
+        self.clips.flush()
+
+    def parts(self) -> dict[str, list[str]]:
+        return {"clips": self.clips.files, "segments": self.segments.files}
+
 def _window_batches(total: int, per_file: int, seed: int = 0) -> list[pa.Table]:
     """`total` window rows of ok files with `per_file` windows each (10 s windows), in BATCH-row tables."""
     from pipeline.tagging.aggregate import FILE_COLUMNS
@@ -95,7 +119,7 @@ def _window_batches(total: int, per_file: int, seed: int = 0) -> list[pa.Table]:
 def aggregate_write(total: int, per_file: int, rows_per_file: int = 20_000) -> dict:
     """CPU seconds of the driver's aggregate + write loop over `total` windows of `per_file`-window files."""
     from pipeline.tagging.aggregate import ClipAggregator, clips_table
-    from pipeline.store.writer import PartWriter, RunWriters
+    from pipeline.store.writer import PartWriter
     from schemas import clips_schema, segments_schema
 
     batches = _window_batches(total, per_file)
@@ -207,7 +231,7 @@ def ray_driver(total: int, per_file: int, mode: str, workers: int) -> dict:
     from pipeline.tagging.aggregate import ClipAggregator, clips_table
     from pipeline.tagging.sink import Collector, SinkConfig, WriteResults
     from pipeline.tagging.summary import RunSummary
-    from pipeline.store.writer import PartWriter, RunWriters
+    from pipeline.store.writer import PartWriter
     from schemas import clips_schema, segments_schema
 
     batches = _window_batches(total, per_file)

@@ -4,10 +4,10 @@ Rows are buffered; a part file is written only when the caller flushes. Each par
 name starting with "_" (which pyarrow, pandas and DuckDB's hive readers skip) and renamed when
 complete, so a reader never sees a half-written file. The schema is checked before every write
 (schemas.validate_table). The files store the vector columns as the Delta log declares them, plain
-lists (schemas.stored_schema); their width is checked again on the table written. `RunWriters` owns a
-run's segments and clips writers and is the one place that flushes them, always segments first: a
-complete clips part never names a clip whose windows are still only in memory (a crash between the two
-flushes leaves windows without a clip, which a rerun redoes, never a clip without its windows).
+lists (schemas.stored_schema); their width is checked again on the table written. Writers of a batch
+flush segments first (tagging/sink.py): a complete clips part never names a clip whose windows are still
+only in memory (a crash between the two flushes leaves windows without a clip, which a rerun redoes,
+never a clip without its windows).
 """
 
 from __future__ import annotations
@@ -74,29 +74,6 @@ class PartWriter:
         self.rows_written += len(table)
         log.debug("wrote %d rows to %s", len(table), final)
         self._buffer, self._buffered = [], 0
-
-
-class RunWriters:
-    """The segments and clips writers of one run, flushed together, segments first."""
-
-    def __init__(self, segments: PartWriter, clips: PartWriter):
-        self.segments, self.clips = segments, clips
-
-    def write(self, segments: pa.Table, clips: pa.Table | None) -> None:
-        """Buffer a batch's finished windows and clips; flush both when either is full."""
-        self.segments.write(segments)
-        if clips is not None:
-            self.clips.write(clips)
-        if self.segments.full or self.clips.full:
-            self.flush()
-
-    def flush(self) -> None:
-        # segments first: every clip row in a complete part has all its windows in complete parts
-        self.segments.flush()
-        self.clips.flush()
-
-    def parts(self) -> dict[str, list[str]]:
-        return {"clips": self.clips.files, "segments": self.segments.files}
 
 
 def check_writable(output: str) -> None:

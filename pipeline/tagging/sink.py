@@ -2,7 +2,7 @@
 
 `WriteResults` runs as a Ray Data task after the CLAP actors. It aggregates the windows of every file
 that is whole in its batch (`pipeline.tagging.aggregate.ClipAggregator`), writes their segments part, then their
-clips part (the order `RunWriters` keeps: a complete clips part never names a clip whose
+clips part (a complete clips part never names a clip whose
 windows are not in a complete segments part), and returns one small row per batch to the driver: the
 part files written, the batch's summary counts, and two rare kinds of leftovers as Arrow IPC bytes:
 - the running state of files whose windows were split across batches (max of scores, sums of embeddings,
@@ -89,7 +89,7 @@ class WriteResults:
             in_split = pc.is_in(segments.column("clip_id"), pa.array(split, pa.string()))
             seg_writer, clip_writer = self.config.writers()
             seg_writer.write(segments.filter(pc.invert(in_split)))
-            seg_writer.flush(name)             # segments first, as RunWriters does
+            seg_writer.flush(name)             # segments first
             clip_writer.write(clips_table(clips, clip_writer.schema))
             clip_writer.flush(name)
             segment_parts, clip_parts = list(seg_writer.files), list(clip_writer.files)
