@@ -8,8 +8,9 @@ Ray Data's backpressure on those tasks' outputs is what paces them; the feed's b
 paces the listing.
 
 Ray Data's no-progress guard cannot tell a slow listing (the feed empty while it skips millions of
-unchanged files) from a stuck stage, so a run with a feed watches for stalls itself: `Listing.starved`
-says when waiting is the listing's doing.
+unchanged files) from a stuck stage, so a run with a feed watches for stalls itself (`Watchdog`):
+`Listing.activity` says when waiting is the listing's doing. The feed also remembers the files taken and
+not yet acknowledged, so that those a lost node held are processed again (`FileFeed.lost`).
 """
 
 from __future__ import annotations
