@@ -8,11 +8,14 @@ They are generated and written in blocks, so N can exceed memory. Build, exact g
 and the update each run in a fresh process, so each peak RSS (VmHWM) is its own.
 
 Queries come from the rows' distribution, or (`--query-kind shifted`) from another one, our model of the
-text-audio modality gap (`synthetic_queries`).
+text-audio modality gap (`synthetic_queries`); both kinds can be measured on one index. With
+`--calibrate`, the build calibrates the index as `jobs.index` does, with 200 shifted queries of another
+draw standing in for the label prompts (held out from the measured queries), and the measured settings
+default to the calibrated ones.
 
 Usage: python -m benchmarks.search --n 1000000 [--queries 200] [--nprobe 128 256] [--rerank 10 30]
-       [--query-kind rows|shifted] [--data /work/bench-data] [--keep] [--reuse] [--update 100000]
-       [--out benchmarks/results/search.json]
+       [--query-kind rows shifted] [--calibrate] [--no-query-axis] [--data /work/bench-data] [--keep]
+       [--reuse] [--update 100000] [--out benchmarks/results/search.json]
 """
 
 from __future__ import annotations
@@ -70,13 +73,15 @@ def synthetic_blocks(n: int, dim: int = 512, latent: int = 48, seed: int = 0, bl
 QUERY_KINDS = ("rows", "shifted")
 
 
-def synthetic_queries(count: int, dim: int = 512, latent: int = 48, seed: int = 0, kind: str = "rows") -> np.ndarray:
+def synthetic_queries(count: int, dim: int = 512, latent: int = 48, seed: int = 0, kind: str = "rows",
+                      draw: int = 0) -> np.ndarray:
     """Queries from the rows' distribution ("rows": the latent part only), or from another one ("shifted"),
     our model of CLAP's modality gap between text and audio: the same latent part (what a query and its
     matches share), plus a common offset (the text cone: a fixed unit direction carrying half of each
     query's norm, so matched pairs' cosines sit far below 1) and noise with a power-law spectrum (i^-1 over
-    the 512 directions of a random basis) instead of the rows' isotropic noise."""
-    rng = np.random.default_rng([seed, -1 % 2**32])
+    the 512 directions of a random basis) instead of the rows' isotropic noise. Another `draw` gives other
+    queries of the same distribution (the same gap)."""
+    rng = np.random.default_rng([seed, -1 % 2**32] + ([draw] if draw else []))
     if latent:
         queries = rng.standard_normal((count, latent)).astype(np.float32) @ _mixing(seed, dim, latent)
     else:
@@ -131,11 +136,22 @@ def _in_child(fn, *args):
         return pool.apply(_call, (fn, THREADS["faiss"], args))
 
 
-def _build(out: str, n: int, ann: AnnConfig, latent: int = 48) -> dict:
+CALIBRATION_QUERIES = 200
+
+
+def _build(out: str, n: int, ann: AnnConfig, latent: int = 48, calibrate: bool = False) -> dict:
+    """Write the index; with `calibrate`, calibrated (and its query axis trained) on shifted queries of
+    another draw than the measured ones."""
+    from pipeline.retrieval.calibrate import CalibrationConfig
+
     started = time.time()
-    info = write_synthetic_index(out, synthetic_blocks(n, latent=latent), ann)
+    queries = synthetic_queries(CALIBRATION_QUERIES, latent=latent, kind="shifted", draw=1) if calibrate else None
+    info = write_synthetic_index(out, synthetic_blocks(n, latent=latent), ann,
+                                 CalibrationConfig() if calibrate else None, queries=queries)
+    calibration = info["tables"]["segments"].get("calibration")
     return {"build_s": round(time.time() - started, 1), "build_stages_s": info["build_stages_s"],
-            "build_memory_gb": _peak()}
+            "build_memory_gb": _peak(), "query_axis": info["tables"]["segments"]["query_axis"],
+            **({"calibration": calibration} if calibration else {})}
 
 
 def _truth(out: str, queries: np.ndarray, k: int, single: int, filters: list[str] | None = None) -> dict:
@@ -162,9 +178,10 @@ def _filters(names: list[str] | None) -> dict:
     return {"none": {}, **{n: f for n, f in FILTERS.items() if names is None or n in names}}
 
 
-def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[tuple[int, int]],
+def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[tuple[int | None, int | None]],
             filter_exponent: float = AnnConfig.filter_probe_exponent) -> dict:
-    """Latency and recall@k of the ANN path, per (nprobe, rerank), unfiltered and filtered."""
+    """Latency and recall@k of the ANN path, per (nprobe, rerank) (None: the Searcher's default, the
+    calibrated setting if the index has one), unfiltered and filtered."""
     from pipeline.retrieval.search import Filters, Searcher
 
     started = time.perf_counter()
@@ -172,9 +189,10 @@ def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[t
     searcher.warm()
     load_s = time.perf_counter() - started
     table = searcher.tables["segments"]
+    defaults = table.nprobe, table.rerank
     rows = []
     for nprobe, rerank in settings:
-        table.nprobe, table.rerank = nprobe or AnnConfig().probes(table.nlist, table.ann.ntotal), rerank
+        table.nprobe, table.rerank = nprobe or defaults[0], rerank or defaults[1]
         table.filter_exponent = filter_exponent
         for name, spec in _filters(list(truth)).items():
             filters = Filters(**spec)
@@ -188,7 +206,7 @@ def _search(out: str, queries: np.ndarray, truth: dict, k: int, settings: list[t
                 ms.append((time.perf_counter() - t) * 1000)
                 recall.append(len(set(expected) & set(hits.tolist())) / k)
                 assert len(hits) == k
-            rows.append({"nprobe": table.nprobe, "nlist": table.nlist, "rerank": rerank, "filter": name,
+            rows.append({"nprobe": table.nprobe, "nlist": table.nlist, "rerank": table.rerank, "filter": name,
                          "filter_probe_exponent": filter_exponent, "queries": len(qs),
                          "ann_ms_median": round(float(np.median(ms)), 3),
                          "ann_ms_p95": round(float(np.percentile(ms, 95)), 3),
@@ -219,25 +237,30 @@ def _update(out: str, n: int, added: int, ann: AnnConfig, latent: int = 48) -> d
             "update_memory_gb": _peak()}
 
 
-def measure(n: int, queries: int, ann: AnnConfig, settings: list[tuple[int, int]], data: str | None,
+def measure(n: int, queries: int, ann: AnnConfig, settings: list[tuple[int | None, int | None]], data: str | None,
             keep: bool, reuse: bool, update: int, filters: list[str] | None = None,
-            filter_exponent: float = AnnConfig.filter_probe_exponent, query_kind: str = "rows",
-            latent: int = 48) -> dict:
+            filter_exponent: float = AnnConfig.filter_probe_exponent, query_kinds: tuple[str, ...] = ("rows",),
+            latent: int = 48, calibrate: bool = False) -> dict:
+    """One index of n rows: built (or reused), then per query kind exact truth and the ANN's rows."""
     out = os.path.join(data, f"search-{n}-{latent}") if data else tempfile.mkdtemp(prefix="search-bench-")
-    qs = synthetic_queries(queries, latent=latent, kind=query_kind)
     try:
         built = {}
         if not (reuse and os.path.exists(os.path.join(out, "_index", "index.json"))):
             shutil.rmtree(out, ignore_errors=True)
-            built = _in_child(_build, out, n, ann, latent)
-        truth = _in_child(_truth, out, qs, 10, 5, filters)
-        searched = _in_child(_search, out, qs, truth["truth"], 10, settings, filter_exponent)
+            built = _in_child(_build, out, n, ann, latent, calibrate)
+        rows, exact, searched = [], [], {}
+        for kind in query_kinds:
+            qs = synthetic_queries(queries, latent=latent, kind=kind)
+            truth = _in_child(_truth, out, qs, 10, 5, filters)
+            searched = _in_child(_search, out, qs, truth["truth"], 10, settings, filter_exponent)
+            rows += [{"query_kind": kind, **row} for row in searched.pop("rows")]
+            exact += truth["exact_ms"]
         size = sum(f.stat().st_size for f in Path(out, "_index").iterdir())
         updated = _in_child(_update, out, n, update, ann, latent) if update else {}
-        return {"n": n, "dim": 512, "latent": latent, "queries": queries, "query_kind": query_kind, **built, "index_gb": round(size / 2**30, 2),
-                "exact_ms_median": round(float(np.median(truth["exact_ms"])), 1), "exact_queries": len(truth["exact_ms"]),
-                "exact_memory_gb": truth["exact_memory_gb"], **{k: v for k, v in searched.items()}, **updated,
-                "ann": asdict(ann)}
+        return {"n": n, "dim": 512, "latent": latent, "queries": queries, "query_kinds": list(query_kinds), **built,
+                "index_gb": round(size / 2**30, 2), "exact_ms_median": round(float(np.median(exact)), 1),
+                "exact_queries": len(exact), "exact_memory_gb": truth["exact_memory_gb"], "rows": rows, **searched,
+                **updated, "ann": asdict(ann)}
     finally:
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
@@ -247,8 +270,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[100_000])
     p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--nprobe", type=int, nargs="+", default=[None], help="default: AnnConfig.probe_fraction of the lists")
-    p.add_argument("--rerank", type=int, nargs="+", default=[AnnConfig.rerank])
+    p.add_argument("--nprobe", type=int, nargs="+", default=[None],
+                   help="default: the calibrated setting, else AnnConfig.probe_fraction of the lists")
+    p.add_argument("--rerank", type=int, nargs="+", default=[None],
+                   help=f"default: the calibrated setting, else {AnnConfig.rerank}")
     p.add_argument("--nlist", type=int, help="IVF lists (default: AnnConfig's rule)")
     p.add_argument("--project-dim", type=int, default=AnnConfig.project_dim, help="IVF-PQ dimensions (0: all)")
     p.add_argument("--data", help="directory for the index files (default: a temporary directory)")
@@ -261,16 +286,21 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="faiss OpenMP threads (default: one per core)")
     p.add_argument("--latent", type=int, default=48,
                    help="rows: this many latent dimensions plus noise; 0: a power-law spectrum over all 512")
-    p.add_argument("--query-kind", default="rows", choices=QUERY_KINDS,
+    p.add_argument("--query-kind", nargs="+", default=["rows"], choices=QUERY_KINDS,
                    help="queries from the rows' distribution, or shifted (a modeled text-audio modality gap)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate the index at build on 200 held-out shifted queries, as jobs.index does with text")
+    p.add_argument("--no-query-axis", action="store_true",
+                   help="train the ANN without the calibration queries' axis (AnnConfig.query_axis)")
     p.add_argument("--out", default="benchmarks/results/search.json")
     args = p.parse_args(argv)
     THREADS["faiss"] = args.threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ann = AnnConfig(nlist=args.nlist, project_dim=args.project_dim)
+    ann = AnnConfig(nlist=args.nlist, project_dim=args.project_dim, query_axis=not args.no_query_axis)
     settings = [(a, b) for a in args.nprobe for b in args.rerank]
     results = [measure(n, args.queries, ann, settings, args.data, args.keep, args.reuse, args.update,
-                       args.filters, args.filter_exponent, args.query_kind, args.latent) for n in args.n]
+                       args.filters, args.filter_exponent, tuple(args.query_kind), args.latent, args.calibrate)
+               for n in args.n]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
@@ -278,13 +308,18 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_at_end": load,
               "faiss_threads": args.threads or os.cpu_count(),
               "results": results}
-    print(f"{'N':>10} {'build s':>8} {'exact ms':>9} {'nprobe':>7} {'rerank':>7} {'filter':>20} {'ANN ms':>8} "
-          f"{'p95 ms':>8} {'recall@10':>10}")
+    print(f"{'N':>10} {'build s':>8} {'exact ms':>9} {'queries':>8} {'nprobe':>7} {'rerank':>7} {'filter':>20} "
+          f"{'ANN ms':>8} {'p95 ms':>8} {'recall@10':>10}")
     for r in results:
         for row in r["rows"]:
-            print(f"{r['n']:>10} {r.get('build_s', '-'):>8} {r['exact_ms_median']:>9} {row['nprobe']:>7} "
-                  f"{row['rerank']:>7} {row['filter']:>20} {row['ann_ms_median']:>8} {row['ann_ms_p95']:>8} "
-                  f"{row['recall_at_10']:>10}")
+            print(f"{r['n']:>10} {r.get('build_s', '-'):>8} {r['exact_ms_median']:>9} {row['query_kind']:>8} "
+                  f"{row['nprobe']:>7} {row['rerank']:>7} {row['filter']:>20} {row['ann_ms_median']:>8} "
+                  f"{row['ann_ms_p95']:>8} {row['recall_at_10']:>10}")
+        if "calibration" in r:
+            c = r["calibration"]
+            print(f"{r['n']:>10} calibrated on {c['queries']} held-out shifted queries in "
+                  f"{r['build_stages_s'].get('calibrate_s')} s: nprobe {c['nprobe']}, rerank {c['rerank']}, "
+                  f"recall@10 {c['recall']:.3f}")
         print(f"{r['n']:>10} search RSS peak {r['search_memory_gb']['VmHWM']} GB, index {r['index_gb']} GB on disk, "
               f"update {r.get('update_rows', 0)} rows {r.get('update_s', '-')} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.retrieval.ann import AnnConfig
-from pipeline.retrieval.calibrate import CalibrationConfig, calibrate
+from pipeline.retrieval.calibrate import CalibrationConfig, QueryEmbeddings, calibrate
 from pipeline.retrieval.files import FORMAT, IndexFiles
 from pipeline.retrieval.index import TableWriter, extend_table, write_fresh
 from pipeline.retrieval.rows import TABLES
@@ -20,12 +20,13 @@ from pipeline.retrieval.rows import TABLES
 
 def write_synthetic_index(output: str, blocks: Iterable[np.ndarray] | np.ndarray, ann: AnnConfig = AnnConfig(),
                           calibration: CalibrationConfig | None = None, clap: str = "synthetic",
-                          labels: list[str] = ("synthetic",)) -> dict:
+                          labels: list[str] = ("synthetic",), queries: np.ndarray | None = None) -> dict:
     """An index over given vectors (one 10 s window per fake clip), for benchmarks and ANN tests: the same
     files and code as a real index, without running the tagging job. `blocks` (row blocks, or one
     matrix) stream to disk, so N can exceed memory. Clips and segments share every file. With
     `calibration`, the ANN is calibrated as `build_index` does, with prompts of `labels` through the text
-    tower of the CLAP checkpoint `clap` (its embedding width must be the vectors')."""
+    tower of the CLAP checkpoint `clap` (its embedding width must be the vectors'), or with the given
+    `queries` (embeddings) instead; those queries (or prompts) also give the ANN its query axis."""
     if isinstance(blocks, np.ndarray):
         blocks = [blocks]
     files = IndexFiles(output)
@@ -43,20 +44,31 @@ def write_synthetic_index(output: str, blocks: Iterable[np.ndarray] | np.ndarray
             start += len(block)
 
     timings = {}
-    entry = write_fresh(writer, files, parts(), _synthetic_batch(0, 1).schema, dim, ann, timings)
+    embedded = _queries(clap, labels, calibration, queries)
+    entry = write_fresh(writer, files, parts(), _synthetic_batch(0, 1).schema, dim, ann, timings, embedded)
     n = entry["rows"]
     info = {"format": FORMAT, "settings_hash": "synthetic", "versions": None, "shard": 0, "labels": list(labels),
             "built_at": time.time(), "model": {"source": clap, "revision": "none", "untrained": True},
             "ann": asdict(ann), "dim": dim, "rows": {t: n for t in TABLES}, "live": {t: n for t in TABLES},
             "tables": {t: entry for t in TABLES}}
     if calibration:
-        calibrate(info, files.staged_or_path, ann, calibration)
+        started = time.time()
+        calibrate(info, files.staged_or_path, ann, calibration, embedded)
+        timings["calibrate_s"] = round(time.time() - started, 1)
     files.publish(info)
     return {**info, "build_stages_s": timings}
 
 
+def _queries(clap: str, labels, calibration: CalibrationConfig | None, queries: np.ndarray | None):
+    """What gives the calibration's query embeddings: the given ones, else (with a calibration) the
+    labels' prompts through `clap`'s text tower, else nothing (no query axis)."""
+    if queries is not None:
+        return lambda: queries
+    return QueryEmbeddings(clap, list(labels), calibration) if calibration else None
+
+
 def append_synthetic_index(output: str, vectors: np.ndarray, ann: AnnConfig = AnnConfig(),
-                           calibration: CalibrationConfig | None = None) -> dict:
+                           calibration: CalibrationConfig | None = None, queries: np.ndarray | None = None) -> dict:
     """Append rows to a synthetic index the way `build_index` appends new commits: one new vector shard,
     `add` to the IVF lists, no retraining; with `calibration`, the calibration kept or measured again."""
     files = IndexFiles(output)
@@ -72,7 +84,8 @@ def append_synthetic_index(output: str, vectors: np.ndarray, ann: AnnConfig = An
     info.update(rows={t: n for t in TABLES}, live={t: n for t in TABLES}, tables={t: entry for t in TABLES},
                 built_at=time.time())
     if calibration:
-        calibrate(info, files.staged_or_path, ann, calibration)
+        calibrate(info, files.staged_or_path, ann, calibration,
+                  _queries(info["model"]["source"], info["labels"], calibration, queries))
     files.publish(info)
     return info
 

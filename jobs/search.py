@@ -83,9 +83,10 @@ def describe(settings: dict, given: bool) -> str:
     if not c:
         return line + f", nprobe {settings['nprobe'] or 'default'} (index not calibrated: run jobs.index)"
     missed = "" if c["reached"] else ", not reached"
+    timed = f", {c['ms']:.1f} ms a query at build" if "ms" in c else ""
     return line + (f", nprobe {settings['nprobe']} of {c['nlist']} lists; calibrated at build: re-rank {c['rerank']}, "
                    f"nprobe {c['nprobe']} reach recall@{c['k']} {c['recall']:.3f} against exact search "
-                   f"(target {c['target_recall']}{missed}, {c['queries']} label queries)")
+                   f"(target {c['target_recall']}{missed}, {c['queries']} label queries{timed})")
 
 
 def _run(searcher: Searcher, args) -> list[dict]:

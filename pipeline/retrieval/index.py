@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 
 import numpy as np
@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.retrieval.ann import Ann, AnnConfig, add_rows, build_ann, read_ann
-from pipeline.retrieval.calibrate import CalibrationConfig, calibrate
+from pipeline.retrieval.calibrate import CalibrationConfig, QueryEmbeddings, calibrate
 from pipeline.retrieval.files import FORMAT, IndexFiles, index_dir
 from pipeline.retrieval.labels import ScoreShardWriter
 from pipeline.retrieval.rows import (TABLES, ast_labels, data_metadata, index_parts, index_rows, meta_schema,
@@ -79,15 +79,16 @@ class TableWriter:
         self.score_shards = [{"file": shard_name, "rows": scores.rows}] if scores is not None else []
 
     def ann_index(self, index: Ann | None) -> dict:
-        """Write the ANN's two files; their names for the index.json entry ("ann": IVF-PQ, "codes": flat)."""
+        """Write the ANN's two files; their names for the index.json entry ("ann": IVF-PQ, "codes": flat),
+        and whether its projection has the query axis."""
         import faiss
 
         if index is None:
-            return {"ann": None, "codes": None}
+            return {"ann": None, "codes": None, "query_axis": False}
         names = {"ann": f"{self.table}-{self.gen}.ivfpq", "codes": f"{self.table}-{self.gen}.pq"}
         faiss.write_index(index.ivf, os.path.join(self.files.stage, names["ann"]))
         faiss.write_index(index.flat, os.path.join(self.files.stage, names["codes"]))
-        return names
+        return {**names, "query_axis": index.query_axis}
 
 
 def _rebatch(blocks: Iterable[np.ndarray], rows: int) -> Iterator[Iterator[np.ndarray]]:
@@ -116,22 +117,24 @@ def _rebatch(blocks: Iterable[np.ndarray], rows: int) -> Iterator[Iterator[np.nd
 
 
 def write_fresh(writer: TableWriter, files: IndexFiles, parts: Iterable[tuple[pa.Table, np.ndarray]],
-                schema: pa.Schema, dim: int, ann: AnnConfig, timings: dict | None = None) -> dict:
+                schema: pa.Schema, dim: int, ann: AnnConfig, timings: dict | None = None,
+                queries: Callable[[], np.ndarray] | None = None) -> dict:
     """A table's files from scratch, streamed from (metadata, vectors) parts: the metadata, vector shards,
-    a newly trained ANN; its index.json entry."""
+    a newly trained ANN (with the query axis of `queries`, calibrate.py); its index.json entry."""
     started = time.time()
     vectors = writer.shards(writer.rows(parts, schema), dim)
     if timings is not None:
         timings["write_s"] = round(time.time() - started, 1)
     log.info("%s: wrote %d rows in %.0f s", writer.table, writer.meta_rows, time.time() - started)
     store = VectorStore([(v["file"], v["rows"]) for v in vectors], dim, fetch=lambda name: os.path.join(files.stage, name))
-    index = build_ann(store, ann, timings)
+    index = build_ann(store, ann, timings, queries)
     return {"rows": writer.meta_rows, "meta": writer.meta_name, **writer.ann_index(index), "vectors": vectors,
             "scores": writer.score_shards}
 
 
 def extend_table(writer: TableWriter, files: IndexFiles, entry: dict, previous: Iterable[pa.RecordBatch],
-                 parts: Iterable[tuple[pa.Table, np.ndarray]], schema: pa.Schema, dim: int, ann: AnnConfig) -> dict:
+                 parts: Iterable[tuple[pa.Table, np.ndarray]], schema: pa.Schema, dim: int, ann: AnnConfig,
+                 queries: Callable[[], np.ndarray] | None = None) -> dict:
     """A table's files after appending rows: the `previous` metadata batches (live flags updated) then the
     new parts' rows; the old vector and score shards plus new ones; the ANN with the rows added to its lists (trained now
     if the table just passed `min_rows`)."""
@@ -144,11 +147,11 @@ def extend_table(writer: TableWriter, files: IndexFiles, entry: dict, previous: 
     started = time.time()
     kept = {}
     if entry["ann"] and entry.get("codes"):
-        index = read_ann(files.path(entry["ann"]), files.path(entry["codes"]))
+        index = read_ann(files.path(entry["ann"]), files.path(entry["codes"]), entry.get("query_axis", False))
         add_rows(index, store, first_row=previous_rows)
         kept = {"calibration": entry["calibration"]} if entry.get("calibration") else {}  # calibrate.py decides
     else:  # no ANN yet (a small table), or one written before the flat codes: train one now
-        index = build_ann(store, ann)
+        index = build_ann(store, ann, queries=queries)
     log.info("%s: %d rows appended in %.1f s", writer.table, len(store) - previous_rows, time.time() - started)
     return {"rows": writer.meta_rows, "meta": writer.meta_name, **writer.ann_index(index), "vectors": vectors,
             "scores": entry["scores"] + writer.score_shards, **kept}
@@ -179,6 +182,7 @@ def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()
     info = {"format": FORMAT, "settings_hash": settings, **covered, "model": meta["models"]["clap"],
             "labels": meta.get("labels") or ast_labels(meta), "built_at": time.time(), "ann": asdict(ann),
             "dim": None, "rows": {}, "live": {}, "tables": {}}
+    queries = QueryEmbeddings(info["model"]["source"], info["labels"], calibration)  # training and calibration
     for table in TABLES:
         batches = index_rows(output, table, settings, ok)
         first = next(batches, None)  # its schema gives the embedding width; it is indexed with the rest
@@ -201,15 +205,15 @@ def build_index(output: str, rebuild: bool = False, ann: AnnConfig = AnnConfig()
                 log.info("%s: %.0f%% of indexed rows replaced: full rebuild", table, dead * 100)
                 entry = None
         if entry is None:
-            info["tables"][table] = write_fresh(writer, files, index_parts(batches), schema, dim, ann)
+            info["tables"][table] = write_fresh(writer, files, index_parts(batches), schema, dim, ann, queries=queries)
             info["live"][table] = info["tables"][table]["rows"]
         else:
             kept = previous.set_column(previous.schema.get_field_index("live"), "live", pa.array(live))
             info["tables"][table] = extend_table(writer, files, entry, kept.to_batches(),
-                                                 index_parts(batches, before), schema, dim, ann)
+                                                 index_parts(batches, before), schema, dim, ann, queries)
             info["live"][table] = int(live.sum()) + info["tables"][table]["rows"] - len(previous)
         info["rows"][table] = info["tables"][table]["rows"]
-    calibrate(info, files.staged_or_path, ann, calibration)
+    calibrate(info, files.staged_or_path, ann, calibration, queries)
     files.publish(info)
     log.info("index %s: %s rows (%s live), Delta versions %s", index_dir(output), info["rows"], info["live"],
              covered["versions"])
