@@ -258,3 +258,16 @@ def test_http_reads_retry_server_errors_but_never_a_refusal():
     for denied in (NoCredentialsError(), ClientError({"Error": {"Code": "ExpiredToken"}}, "GetObject")):
         assert _final(denied).reason == "permission denied reading file"
     assert _final(ClientError({"Error": {"Code": "SlowDown"}}, "GetObject")) is None
+
+
+def test_s3_retry_budget_follows_botocores_environment(monkeypatch):
+    """S3 reads use botocore's standard mode with 5 retries, unless AWS_MAX_ATTEMPTS / AWS_RETRY_MODE say
+    otherwise (the fixture above sets 2 attempts: a file that always answers 503 fails in seconds)."""
+    from pipeline.audio.storage import CLIENT_OPTIONS
+
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
+    assert CLIENT_OPTIONS["s3"]()["config_kwargs"]["retries"] == {"max_attempts": 5, "mode": "standard"}
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    assert CLIENT_OPTIONS["s3a"]()["config_kwargs"]["retries"] == {"total_max_attempts": 2, "mode": "adaptive"}

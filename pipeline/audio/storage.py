@@ -15,6 +15,7 @@ of idling the task's core.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,10 +37,17 @@ class RetryConfig:
 
 
 # Clients that retry transient failures themselves, and how we configure them: botocore's standard mode
-# (5xx, throttling, resets; exponential backoff with jitter; 5 attempts); gcsfs and the Azure SDK retry
-# by default.
-_S3 = {"config_kwargs": {"retries": {"max_attempts": 5, "mode": "standard"}}}
-CLIENT_OPTIONS = {"s3": _S3, "s3a": _S3, "gs": {}, "gcs": {}, "az": {}, "abfs": {}, "abfss": {}}
+# (5xx, throttling, resets; exponential backoff with jitter; 5 retries) unless the environment sets
+# botocore's own AWS_MAX_ATTEMPTS (attempts in all) / AWS_RETRY_MODE, which an explicit client config
+# would otherwise override; gcsfs and the Azure SDK retry by default.
+def _s3_options() -> dict:
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS")
+    retries = {"total_max_attempts": int(attempts)} if attempts else {"max_attempts": 5}
+    return {"config_kwargs": {"retries": {**retries, "mode": os.environ.get("AWS_RETRY_MODE") or "standard"}}}
+
+
+CLIENT_OPTIONS = {"s3": _s3_options, "s3a": _s3_options, "gs": dict, "gcs": dict, "az": dict, "abfs": dict,
+                  "abfss": dict}
 # What credential failures look like from clients that do not raise PermissionError for them.
 _CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                 "ExpiredToken", "InvalidToken", "RefreshError", "DefaultCredentialsError", "ClientAuthenticationError")
@@ -48,7 +56,8 @@ _CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "InvalidAccessK
 def read_bytes(uri: str, retry: RetryConfig = RetryConfig()) -> bytes:
     """All bytes of `uri` (local path or any fsspec URL); DecodeError names the storage problem."""
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-    client = CLIENT_OPTIONS.get(protocol)
+    options = CLIENT_OPTIONS.get(protocol)
+    client = options() if options is not None else None
     attempts = 1 if client is not None else retry.attempts   # no retries stacked on the client's own
     last: BaseException | None = None
     for attempt in range(1, attempts + 1):
