@@ -167,17 +167,22 @@ def test_killed_driver_then_rerun_gives_every_file_once(checkpoints, tmp_path):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
-    with pytest.raises(FileNotFoundError):
-        read_current(str(out))  # nothing a reader would mistake for results
+    # the run commits as it streams (--flush-every 0: every sink row with whole files), so the kill may
+    # land before or after its first commits: a reader sees nothing, or whole committed files only
+    try:
+        committed = len(_assert_every_clip_whole(out, len(read_current(str(out)))))
+    except FileNotFoundError:
+        committed = 0
+    assert committed < 40, "the kill came after the last commit: the test proves nothing"
 
     rerun = _tag_process(corpus, out, checkpoints, "rerun")
     stdout, stderr = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, stderr.decode()[-3000:]
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
-    logging.getLogger(__name__).info("rerun after kill: %s", summary)
-    assert (summary["processed"], summary["skipped_unchanged"]) == (40, 0)
+    logging.getLogger(__name__).info("rerun after kill (%d files committed before it): %s", committed, summary)
+    assert (summary["processed"], summary["skipped_unchanged"]) == (40 - committed, committed)
     current = _assert_every_clip_whole(out, 40)
-    assert set(current.run_id) == {"rerun"}
+    assert (current.run_id == "rerun").sum() == 40 - committed and set(current.run_id) <= {"killed", "rerun"}
 
 
 def test_killed_worker_mid_run_loses_nothing(job):
