@@ -1,6 +1,6 @@
 """CPU cost per clip of the real job against the one-thread floor, measured in the same run, in one of
-two modes (`--features-on`): `cpu`, CPU workers compute the features; `gpu`, CPU workers only decode,
-downmix and resample and ship waveforms, and the model actors compute the features.
+two modes (`--features-on`): `cpu`, CPU workers compute the features; `gpu`, CPU workers only decode
+and downmix and ship slices of the source waveform, and the model actors resample and compute the features.
 
 The job (`run_tag_job`, tiny random-weight models, real local Ray, 10 s 44.1 kHz stereo FLAC) runs in
 `--pairs` interleaved (small, large) pairs on one Ray instance, started and warmed first by `--warm`
@@ -23,7 +23,8 @@ The floor, timed in this process on one thread, clip by clip (median CPU time), 
 again after (their mean is the denominator): libsndfile decode to float32, soxr HQ to 16 and 48 kHz
 (one channel), and the bare float32 FFTs both spectrograms need (998 x 512 AST, 1000 x 1024 CLAP).
 Alongside: `floor_one_resample` (benchmarks/features.py's floor), `floor_no_fft` (decode + the two
-resamples), our Featurize in-process for the mode (no Ray, no child process), the tiny models per
+resamples), `decode_only` (libsndfile's decode: the least a CPU worker does in either mode), our
+Featurize in-process for the mode (no Ray, no child process), the tiny models per
 window, and the object-store bytes per window of Featurize's output tables.
 
 Usage: python -m benchmarks.cpu_cost [--features-on cpu|gpu] [--sizes 40 800] [--pairs 3]
@@ -160,8 +161,10 @@ def floor_and_parts(files: list[Path], models: dict, features_on: str, repeats: 
     datas = [f.read_bytes() for f in files]
     zeros = torch.zeros((998, 512))
 
-    def floor(data: bytes, both: bool = True, fft: bool = True) -> None:
+    def floor(data: bytes, both: bool = True, fft: bool = True, resample: bool = True) -> None:
         x, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        if not resample:
+            return
         if both:
             soxr.resample(x[:, 0], rate, 16_000, quality="HQ")
         w48 = soxr.resample(x[:, 0], rate, 48_000, quality="HQ")
@@ -185,6 +188,7 @@ def floor_and_parts(files: list[Path], models: dict, features_on: str, repeats: 
         rows = tables[0]
         jobs = {"floor": lambda i: floor(datas[i]), "floor_one_resample": lambda i: floor(datas[i], both=False),
                 "floor_no_fft": lambda i: floor(datas[i], fft=False),
+                "decode_only": lambda i: floor(datas[i], resample=False),
                 "featurize_in_process": lambda i: list(featurize(listed[i])),
                 "tiny_ast_per_window": lambda i: ast(rows.slice(0, 1)),
                 "tiny_clap_per_window": lambda i: clap(rows.slice(0, 1))}

@@ -43,6 +43,40 @@ def blobs_from_rows(rows: np.ndarray, valid: np.ndarray) -> pa.BinaryArray:
                                  null_count=int((~valid).sum()))
 
 
+def blobs_from_buffer(values: np.ndarray, ends: np.ndarray, valid: np.ndarray) -> pa.BinaryArray:
+    """Binary column of float32 slices of `values` lying back to back: entry i ends at `ends[i]` values
+    (non-decreasing; an entry where `valid` is False is null and empty). Zero-copy: the data buffer is `values`."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    valid = np.asarray(valid, dtype=bool)
+    if values.nbytes >= 2**31:  # binary offsets are int32
+        raise ValueError(f"{values.nbytes} bytes in one column chunk; the limit is 2 GiB")
+    offsets = np.zeros(len(valid) + 1, dtype=np.int32)
+    offsets[1:] = 4 * np.asarray(ends, np.int64)
+    mask = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(pa.binary(), len(valid), [mask, pa.py_buffer(offsets), pa.py_buffer(values)],
+                                 null_count=int((~valid).sum()))
+
+
+def blobs_to_padded(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Binary column of float32 buffers of any lengths (all non-null) -> (rows, longest) float32 array,
+    each row zero-padded; read in place, without a copy, when they lie back to back and are equally long."""
+    chunks = [c for c in (column.chunks if isinstance(column, pa.ChunkedArray) else [column]) if len(c)]
+    sizes = [np.diff(np.frombuffer(c.buffers()[1], np.int32)[c.offset:c.offset + len(c) + 1]) for c in chunks]
+    if any(c.null_count for c in chunks):
+        raise ValueError("waveform column has null entries")
+    if len(chunks) == 1 and (sizes[0] == sizes[0][0]).all():
+        return blobs_to_array(chunks[0], (-1,))
+    rows = sum(len(c) for c in chunks)
+    out = np.zeros((rows, max((int(s.max()) for s in sizes), default=0) // 4), np.float32)
+    i = 0
+    for chunk in chunks:
+        for value in chunk:
+            row = np.frombuffer(value.as_buffer(), np.float32)
+            out[i, :len(row)] = row
+            i += 1
+    return out
+
+
 def blobs_to_array(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
     """Binary column of float32 buffers (all non-null, each of `shape`; one -1 in `shape`: inferred from the
     first buffer) -> (rows, *shape) float32 array.

@@ -32,6 +32,13 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
     return wave if rate == target else soxr.resample(wave, rate, target, quality="HQ").astype(np.float32)
 
 
+def resample_like_hf_pipeline(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """What HF's audio-classification pipeline does to audio at another rate: torchaudio's resample, defaults."""
+    import torchaudio.functional as F
+
+    return wave if rate == target else F.resample(torch.from_numpy(wave), rate, target).numpy()
+
+
 @lru_cache(maxsize=4)
 def _ast(source: str):
     return ASTFeatureExtractor.from_pretrained(source), ASTForAudioClassification.from_pretrained(source).eval()

@@ -249,3 +249,43 @@ def test_hour_long_file_streams_features_in_bounded_blocks(tmp_path, one_torch_t
         indices += block.column("segment_index").to_pylist()
     assert max(sizes) <= 16 and sum(sizes) == 360
     assert indices == list(range(360))
+
+
+def test_device_resample_of_each_window_equals_resampling_the_whole_file():
+    """--features-on gpu: a window resampled on the actor from the slice the worker ships equals the
+    window cut from torchaudio's resample of the whole file (what HF's pipeline runs), for down-, up-
+    and pass-through rates, odd rates, files shorter than the filter and end-aligned last windows; a
+    row's values do not depend on the other rows of its batch."""
+    import torch
+    import torchaudio.functional as F
+
+    from pipeline.audio.resample_device import Resample, slice_bounds, span
+    from pipeline.audio.windows import WindowConfig, plan_windows
+
+    rng = np.random.default_rng(0)
+    for target, window_s in ((16_000, 10.24), (48_000, 10.0)):
+        resample = Resample(target, window_s)
+        slices, firsts, frames, rates, starts, expected = [], [], [], [], [], []
+        for rate in (8_000, 11_025, 16_000, 22_050, 44_056, 44_100, 48_000, 96_000):
+            for seconds in (0.0004, 3.3, 23.7):
+                n = max(2, int(seconds * rate))
+                x = rng.standard_normal(n).astype(np.float32)
+                whole = F.resample(torch.from_numpy(x), rate, target).numpy() if rate != target else x
+                for w in plan_windows(n / rate, WindowConfig(hop_s=7.0)):
+                    first, end = slice_bounds([span(rate, target, n, w.start_s, window_s)])
+                    row = np.zeros(end - first, np.float32)
+                    row[max(first, 0) - first:min(end, n) - first] = x[max(first, 0):min(end, n)]
+                    a = round(w.start_s * target)
+                    slices.append(row), firsts.append(first), frames.append(n), rates.append(rate)
+                    starts.append(w.start_s), expected.append(whole[a:a + resample.size])
+        width = max(len(s) for s in slices)
+        padded = np.stack([np.pad(s, (0, width - len(s))) for s in slices])
+        plans = resample.plan(np.array(rates), np.array(firsts), np.array(frames), np.array(starts))
+        waves, lengths = resample(torch.from_numpy(padded), torch.from_numpy(plans))
+        for i, want in enumerate(expected):
+            assert int(lengths[i]) == len(want) > 0
+            np.testing.assert_allclose(waves[i, :len(want)].numpy(), want, atol=1e-6, rtol=0)
+            assert not waves[i, len(want):].any()
+        for i in (0, len(expected) // 2, len(expected) - 1):
+            alone, _ = resample(torch.from_numpy(padded[i:i + 1]), torch.from_numpy(plans[i:i + 1]))
+            assert torch.equal(alone[0], waves[i])

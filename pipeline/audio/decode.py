@@ -38,7 +38,8 @@ class DecodeError(Exception):
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Target rates in Hz; duration bounds in seconds (the minimum is one 25 ms AST frame)."""
+    """Target rates in Hz (none: the source rate); duration bounds in seconds (the minimum is one 25 ms
+    AST frame)."""
 
     rates: tuple[int, ...] = (16_000, 48_000)
     min_duration_s: float = 0.025
@@ -80,7 +81,8 @@ class Decoder:
                               f"{duration_s * 1000:.1f} ms, minimum {self.config.min_duration_s * 1000:.0f} ms")
         if not _all_finite(mono):  # NaN or inf in any channel survives the mean
             raise DecodeError("audio contains NaN or infinite sample values")
-        waves = {r: self._resample(mono, rate, r) for r in self.config.rates}
+        rates = self.config.rates or (rate,)  # no rates: the source rate, not resampled
+        waves = {r: self._resample(mono, rate, r) for r in rates}
         return Audio(waves, duration_s, rate, channels, decoder, _shortfall(len(mono), declared, rate))
 
     def decode_file(self, uri: str, lend: bool = False) -> Audio:

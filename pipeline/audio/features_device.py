@@ -1,5 +1,6 @@
 """Stages 3-4 on the model actors' device (`--features-on gpu`): batched torch versions of the AST fbank
-and the CLAP log-mel, computed where the model runs from waveforms the CPU workers ship.
+and the CLAP log-mel, computed where the model runs, from the windows that resample_device.Resample
+makes there of the source slices the CPU workers ship.
 
 The same operations as features_ast.AstFbank and features_clap.ClapMel, on a batch: (B, samples) float32
 waves zero-padded to one window, with each row's real length. A row's values never depend on the other

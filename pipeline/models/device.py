@@ -16,7 +16,11 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
+
+from pipeline.arrow import blobs_to_padded, where
+from pipeline.audio.resample_device import Resample
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +135,16 @@ def run_fixed_batches(fn, inputs: np.ndarray | tuple[np.ndarray, ...], micro_bat
             result = fn(*(placement.to_device(s.fill(c, micro_batch), cast) for s, c in zip(stagings, chunks)))
             outputs.append([r[:n].float().cpu().numpy() for r in result])
     return [np.concatenate(parts) for parts in zip(*outputs)]
+
+
+WAVE_COLUMNS = ("wave", "wave_first", "source_frames")   # featurize.py's model inputs with --features-on gpu
+
+
+def wave_inputs(batch: pa.Table, ok: np.ndarray, resample: Resample) -> tuple[np.ndarray, np.ndarray]:
+    """The `ok` rows' source slices, zero-padded to the longest, and their resampling plans for `resample`:
+    the inputs of a model actor that resamples and featurizes on its device."""
+    def column(name: str) -> np.ndarray:
+        return np.asarray(where(batch.column(name), ok).to_numpy())
+
+    plans = resample.plan(column("sample_rate"), column("wave_first"), column("source_frames"), column("start_s"))
+    return blobs_to_padded(where(batch.column("wave"), ok)), plans

@@ -17,12 +17,13 @@ import torch
 from pipeline.arrow import blobs_to_array, fixed_list, where
 from pipeline.audio.features_clap import ClapMelConfig
 from pipeline.audio.features_device import ClapMelBatch
+from pipeline.audio.resample_device import Resample
 from pipeline.checkpoints import load_clap
-from pipeline.models.device import Placement, Staging, run_fixed_batches
+from pipeline.models.device import WAVE_COLUMNS, Placement, Staging, run_fixed_batches, wave_inputs
 
 log = logging.getLogger(__name__)
 
-INPUT_COLUMNS = ("clap_features", "clap_wave", "clap_samples")
+INPUT_COLUMNS = ("clap_features",) + WAVE_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,15 @@ class EmbedderConfig:
     cpu_threads: int = 1
     precision: str = "fp32"   # "fp32" or "bf16" (device.PRECISIONS), whatever the device
     mel: ClapMelConfig | None = None   # set: features computed here from waveforms (--features-on gpu)
+    window_s: float = 10.0             # the window's length, in seconds (--features-on gpu)
 
 
 class ClapEmbedder:
     """Callable for `map_batches(batch_format="pyarrow")` on an actor pool.
 
-    Reads `clap_features`, or with `config.mel` the waveforms `clap_wave` and `clap_samples` (features then
-    computed on the actor's device: float64 FFT, float32 mel); adds `clap_embedding` (null on error rows);
-    drops its inputs.
+    Reads `clap_features`, or with `config.mel` the source slices `wave` (featurize.py; resampled and
+    featurized on the actor's device: float64 FFT, float32 mel); adds `clap_embedding` (null on error
+    rows); drops its inputs, the source slices included.
     """
 
     def __init__(self, config: EmbedderConfig):
@@ -50,6 +52,7 @@ class ClapEmbedder:
         self.placement = Placement.detect(config.cpu_threads, config.precision)
         self.staging = [Staging(self.placement), Staging(self.placement)]
         self.mel = ClapMelBatch(config.mel, self.placement.device) if config.mel else None
+        self.resample = Resample(config.mel.sample_rate, config.window_s, self.placement.device) if config.mel else None
         self.model = self.placement.prepare(load_clap(config.source))
         self.dim = self.model.config.projection_dim
         log.info("CLAP %s loaded on %s (%s)", config.source, self.placement.device, self.placement.precision)
@@ -59,8 +62,8 @@ class ClapEmbedder:
         out = self.model.get_audio_features(input_features=features, is_longer=is_longer)
         return (out.pooler_output,)
 
-    def _forward_waves(self, waves, lengths):
-        return self._forward(self.placement.cast(self.mel(waves, lengths)))
+    def _forward_waves(self, slices, plans):
+        return self._forward(self.placement.cast(self.mel(*self.resample(slices, plans))))
 
     def embed(self, features: np.ndarray) -> np.ndarray:
         """(N, channels, frames, mels) log-mels -> (N, dim) normalised embeddings."""
@@ -68,18 +71,12 @@ class ClapEmbedder:
                                           self.staging[0])
         return embeddings
 
-    def embed_waves(self, waves: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """(N, samples) float32 waveforms at the model rate, zero-padded, and their (N,) lengths -> (N, dim)."""
-        (embeddings,) = run_fixed_batches(self._forward_waves, (waves, lengths), self.config.micro_batch,
-                                          self.placement, self.staging, cast=False)
-        return embeddings
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.asarray(pc.equal(batch.column("status"), "ok").fill_null(False))
         embeddings = np.zeros((len(batch), self.dim), np.float32)
         if ok.any() and self.mel is not None:
-            embeddings[ok] = self.embed_waves(blobs_to_array(where(batch.column("clap_wave"), ok), (-1,)),
-                                              np.asarray(batch.column("clap_samples").filter(pa.array(ok)), np.int32))
+            (embeddings[ok],) = run_fixed_batches(self._forward_waves, wave_inputs(batch, ok, self.resample),
+                                                  self.config.micro_batch, self.placement, self.staging, cast=False)
         elif ok.any():
             features = blobs_to_array(where(batch.column("clap_features"), ok),
                                       self.config.feature_shape)

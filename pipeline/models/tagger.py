@@ -17,12 +17,13 @@ import pyarrow.compute as pc
 from pipeline.arrow import blobs_to_array, fixed_list, where
 from pipeline.audio.features_ast import AstFbankConfig
 from pipeline.audio.features_device import AstFbankBatch
+from pipeline.audio.resample_device import Resample
 from pipeline.checkpoints import load_ast
-from pipeline.models.device import Placement, Staging, run_fixed_batches
+from pipeline.models.device import Placement, Staging, run_fixed_batches, wave_inputs
 
 log = logging.getLogger(__name__)
 
-INPUT_COLUMNS = ("ast_features", "ast_wave", "ast_samples")
+INPUT_COLUMNS = ("ast_features",)  # the waveform columns stay: the CLAP actor reads them next, and drops them
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,15 @@ class TaggerConfig:
     cpu_threads: int = 1
     precision: str = "fp32"   # "fp32" or "bf16" (device.PRECISIONS), whatever the device
     fbank: AstFbankConfig | None = None   # set: features computed here from waveforms (--features-on gpu)
+    window_s: float = 10.24               # the window's length, in seconds (--features-on gpu)
 
 
 class AstTagger:
     """Callable for `map_batches(batch_format="pyarrow")` on an actor pool.
 
-    Reads `ast_features`, or with `config.fbank` the waveforms `ast_wave` and `ast_samples` (features then
-    computed on the actor's device, in float32); adds `scores` and `ast_embedding` (null on error rows);
-    drops its inputs.
+    Reads `ast_features`, or with `config.fbank` the source slices `wave` (featurize.py; resampled and
+    featurized on the actor's device, in float32); adds `scores` and `ast_embedding` (null on error rows);
+    drops `ast_features`.
     """
 
     def __init__(self, config: TaggerConfig):
@@ -51,6 +53,8 @@ class AstTagger:
         self.placement = Placement.detect(config.cpu_threads, config.precision)
         self.staging = [Staging(self.placement), Staging(self.placement)]
         self.fbank = AstFbankBatch(config.fbank, self.placement.device) if config.fbank else None
+        self.resample = (Resample(config.fbank.sample_rate, config.window_s, self.placement.device)
+                         if config.fbank else None)
         self.model = self.placement.prepare(load_ast(config.source))
         self.num_labels = self.model.config.num_labels
         self.hidden = self.model.config.hidden_size
@@ -60,8 +64,8 @@ class AstTagger:
         pooled = self.model.audio_spectrogram_transformer(features).pooler_output
         return self.model.classifier(pooled).sigmoid(), pooled
 
-    def _forward_waves(self, waves, lengths):
-        return self._forward(self.placement.cast(self.fbank(waves, lengths)))
+    def _forward_waves(self, slices, plans):
+        return self._forward(self.placement.cast(self.fbank(*self.resample(slices, plans))))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = np.asarray(pc.equal(batch.column("status"), "ok").fill_null(False))
@@ -69,9 +73,8 @@ class AstTagger:
         pooled = np.zeros((len(batch), self.hidden), np.float32)
         mb = self.config.micro_batch
         if ok.any() and self.fbank is not None:
-            waves = blobs_to_array(where(batch.column("ast_wave"), ok), (-1,))
-            lengths = np.asarray(batch.column("ast_samples").filter(pa.array(ok)), np.int32)
-            scores[ok], pooled[ok] = run_fixed_batches(self._forward_waves, (waves, lengths), mb, self.placement,
+            inputs = wave_inputs(batch, ok, self.resample)
+            scores[ok], pooled[ok] = run_fixed_batches(self._forward_waves, inputs, mb, self.placement,
                                                        self.staging, cast=False)
         elif ok.any():
             shape = (self.config.num_frames, self.config.num_mel_bins)

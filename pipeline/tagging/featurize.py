@@ -7,9 +7,11 @@ features are computed window by window and emitted in blocks of at most `windows
 an hour-long file never puts its whole feature matrix in one batch. A file that is not usable audio
 becomes one row with status "error" and zero windows. Features travel as float32 byte buffers (binary columns).
 
-`features_on="gpu"` leaves the features to the model actors (pipeline/audio/features_device.py, on their
-device): rows carry each window's waveforms at the two model rates instead, zero-padded to a full window
-(`ast_wave`, `clap_wave`), with their real lengths in samples (`ast_samples`, `clap_samples`).
+`features_on="gpu"` leaves the resampling and the features to the model actors (on their device:
+pipeline/audio/resample_device.py, features_device.py): the child only decodes and downmixes, and rows
+carry instead the slice of the mono source waveform that the window's two resamples read (`wave`, float32
+at the file's rate, zeros past the file's ends), where it starts (`wave_first`, in source samples) and the
+file's length (`source_frames`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipeline.arrow import blobs_from_rows
+from pipeline.arrow import blobs_from_buffer, blobs_from_rows
 from pipeline.audio.decode import Audio, DecodeConfig, DecodeError
 from pipeline.audio.features_ast import AstFbank, AstFbankConfig
 from pipeline.audio.features_clap import ClapMel, ClapMelConfig
+from pipeline.audio.resample_device import Span, slice_bounds, span
 from pipeline.tagging.isolation import shared_decoder
 from pipeline.audio.storage import READ_AHEAD_BYTES, ReadAhead
 from pipeline.audio.windows import Window, WindowConfig, plan_windows, sample_span
@@ -43,8 +46,7 @@ FEATURES_ON = ("cpu", "gpu")
 # what the model actors read, by where features are computed: the features, or the waveforms
 MODEL_INPUTS = {
     "cpu": pa.schema([("ast_features", pa.binary()), ("clap_features", pa.binary())]),
-    "gpu": pa.schema([("ast_wave", pa.binary()), ("ast_samples", pa.int32()),
-                      ("clap_wave", pa.binary()), ("clap_samples", pa.int32())]),
+    "gpu": pa.schema([("wave", pa.binary()), ("wave_first", pa.int64()), ("source_frames", pa.int64())]),
 }
 WINDOW_SCHEMAS = {on: pa.schema(list(_META_SCHEMA) + list(inputs)) for on, inputs in MODEL_INPUTS.items()}
 
@@ -64,54 +66,85 @@ class FeaturizeConfig:
 
     @property
     def row_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of one window's (AST, CLAP) model input: features, or waveforms padded to a window."""
-        if self.features_on == "gpu":
-            return ((sample_span(0.0, self.windows.ast_window_s, self.ast.sample_rate).stop,),
-                    (sample_span(0.0, self.windows.clap_window_s, self.clap.sample_rate).stop,))
+        """Shapes of one window's (AST, CLAP) features (features_on="cpu")."""
         return ((self.ast.max_length, self.ast.num_mel_bins),
                 (self.clap.channels, self.clap.num_frames, self.clap.num_mel_bins))
+
+    def spans(self, rate: int, frames: int, start_s: float) -> tuple[Span, Span]:
+        """The source samples the (AST, CLAP) resamples of the window at `start_s` read (features_on="gpu")."""
+        return (span(rate, self.ast.sample_rate, frames, start_s, self.windows.ast_window_s),
+                span(rate, self.clap.sample_rate, frames, start_s, self.windows.clap_window_s))
+
+    @property
+    def row_floats(self) -> int:
+        """float32 values of one window's model input: its features, or (features_on="gpu") its source
+        slice, sized for a source at up to 48 kHz (higher rates ship proportionally more)."""
+        if self.features_on == "gpu":
+            first, end = slice_bounds(list(self.spans(48_000, 1 << 40, 0.0)))
+            return end - first
+        return sum(int(np.prod(shape)) for shape in self.row_shapes)
 
     @property
     def block_bytes(self) -> int:
         """Bytes of model input in one full window block (float32)."""
-        return self.windows_per_block * 4 * sum(int(np.prod(shape)) for shape in self.row_shapes)
+        return self.windows_per_block * 4 * self.row_floats
 
 
-# Memory a featurize task holds, per second of audio in its file: the waveforms at the model rates in the
-# decoder child and, in the worker, in the shared buffer or (files too long for it) received over the pipe
-# (2 x 4 B per sample); the child's mono source (4 B at up to 48 kHz); the file's bytes in the worker and
-# the child (16-bit stereo 48 kHz PCM). Plus a block of features in numpy, Arrow and the object store,
+# Memory a featurize task holds, per second of audio in its file: the waveforms at the model rates (with
+# features_on="gpu", the source-rate mono instead: less for sources up to 64 kHz) in the decoder child
+# and, in the worker, in the shared buffer or (files too long for it) received over the pipe (2 x 4 B per
+# sample); the child's mono source (4 B at up to 48 kHz); the file's bytes in the worker and
+# the child (16-bit stereo 48 kHz PCM). Plus a block of model inputs in numpy, Arrow and the object store,
 # and the worker process itself (torch imported; its 32 MiB shared buffer, isolation.SHARED_BYTES).
 BYTES_PER_AUDIO_S = 2 * 4 * (16_000 + 48_000) + 4 * 48_000 + 2 * 192_000
 TASK_BASE_BYTES = 400 << 20
 
 class _Block:
-    """Up to `capacity` window rows being filled: metadata as dicts, the model inputs (features, or
-    waveforms and their lengths) written in place into one contiguous float32 array per model, which
-    becomes the Arrow column's data buffer without a copy."""
+    """Up to `capacity` window rows being filled: metadata as dicts, the model inputs written in place into
+    contiguous float32 arrays that become the Arrow columns' data buffers without a copy: one per model's
+    features, or (features_on="gpu") one holding the rows' source slices back to back."""
 
     def __init__(self, capacity: int, config: FeaturizeConfig):
-        ast_shape, clap_shape = config.row_shapes
         self.schema = WINDOW_SCHEMAS[config.features_on]
         self.meta: list[dict] = []
         self.valid: list[bool] = []
-        self.ast = np.empty((capacity,) + ast_shape, np.float32)
-        self.clap = np.empty((capacity,) + clap_shape, np.float32)
-        self.samples: list[tuple[int, int]] = []   # waveforms' real lengths (features_on="gpu")
-        self.filled = 0  # feature rows in use (rows of windows; error rows have none)
+        self.filled = 0  # model input rows in use (rows of windows; error rows have none)
+        if config.features_on == "gpu":
+            self.wave = np.empty(capacity * config.row_floats, np.float32)  # grows for rates above 48 kHz
+            self.wave_ends: list[int] = []
+            self.wave_first: list[int] = []
+            self.source_frames: list[int] = []
+        else:
+            ast_shape, clap_shape = config.row_shapes
+            self.ast = np.empty((capacity,) + ast_shape, np.float32)
+            self.clap = np.empty((capacity,) + clap_shape, np.float32)
 
     def __len__(self) -> int:
         return len(self.meta)
 
+    def wave_row(self, floats: int) -> np.ndarray:
+        """The next source slice's place in the block's buffer, `floats` long."""
+        start = self.wave_ends[-1] if self.wave_ends else 0
+        if start + floats > len(self.wave):
+            grown = np.empty(max(2 * len(self.wave), start + floats), np.float32)
+            grown[:start] = self.wave[:start]
+            self.wave = grown
+        self.wave_ends.append(start + floats)
+        return self.wave[start:start + floats]
+
     def table(self) -> pa.Table:
         valid = np.array(self.valid, dtype=bool)
         meta = pa.Table.from_pylist(self.meta, schema=_META_SCHEMA)
-        ast, clap = blobs_from_rows(self.ast[:self.filled], valid), blobs_from_rows(self.clap[:self.filled], valid)
-        inputs = [ast, clap]
-        if "ast_samples" in self.schema.names:
-            lengths = np.zeros((len(valid), 2), np.int32)
-            lengths[valid] = np.array(self.samples, np.int32).reshape(-1, 2)
-            inputs = [ast, pa.array(lengths[:, 0], mask=~valid), clap, pa.array(lengths[:, 1], mask=~valid)]
+        if "wave" in self.schema.names:
+            ends = np.zeros(len(valid), np.int64)
+            ends[valid] = self.wave_ends
+            inputs = [blobs_from_buffer(self.wave[:ends.max(initial=0)], np.maximum.accumulate(ends), valid)]
+            for values in (self.wave_first, self.source_frames):
+                column = np.zeros(len(valid), np.int64)
+                column[valid] = values
+                inputs.append(pa.array(column, mask=~valid))
+        else:
+            inputs = [blobs_from_rows(self.ast[:self.filled], valid), blobs_from_rows(self.clap[:self.filled], valid)]
         return pa.Table.from_arrays(meta.columns + inputs, schema=self.schema)
 
 
@@ -135,7 +168,8 @@ class Featurize:
                  read_ahead_bytes: int = READ_AHEAD_BYTES):
         self.config = config
         self.read_ahead_bytes = read_ahead_bytes
-        rates = (config.ast.sample_rate, config.clap.sample_rate)
+        # features_on="gpu": no rates, the child only decodes and downmixes (the actors resample)
+        rates = (config.ast.sample_rate, config.clap.sample_rate) if config.features_on == "cpu" else ()
         self._decode_config = DecodeConfig(**{**config.decode.__dict__, "rates": rates, "lane_s": lane_s})
         self._ast = None
         self._clap = None
@@ -184,19 +218,28 @@ class Featurize:
             yield {**meta, "segment_index": w.index, "start_s": w.start_s, "end_s": w.end_s}, audio, w
 
     def _features_into(self, block: _Block, audio: Audio, window: Window) -> None:
-        ast_rate, clap_rate = self.config.ast.sample_rate, self.config.clap.sample_rate
-        span16 = sample_span(window.start_s, self.config.windows.ast_window_s, ast_rate)
-        span48 = sample_span(window.start_s, self.config.windows.clap_window_s, clap_rate)
-        ast_wave, clap_wave = audio.waves[ast_rate][span16], audio.waves[clap_rate][span48]
         i = block.filled
         if self.config.features_on == "gpu":
-            block.ast[i, :len(ast_wave)], block.ast[i, len(ast_wave):] = ast_wave, 0.0
-            block.clap[i, :len(clap_wave)], block.clap[i, len(clap_wave):] = clap_wave, 0.0
-            block.samples.append((len(ast_wave), len(clap_wave)))
+            self._slice_into(block, audio, window)
         else:
-            self._ast(ast_wave, out=block.ast[i])
-            self._clap.one(clap_wave, out=block.clap[i])
+            ast_rate, clap_rate = self.config.ast.sample_rate, self.config.clap.sample_rate
+            span16 = sample_span(window.start_s, self.config.windows.ast_window_s, ast_rate)
+            span48 = sample_span(window.start_s, self.config.windows.clap_window_s, clap_rate)
+            self._ast(audio.waves[ast_rate][span16], out=block.ast[i])
+            self._clap.one(audio.waves[clap_rate][span48], out=block.clap[i])
         block.filled += 1
+
+    def _slice_into(self, block: _Block, audio: Audio, window: Window) -> None:
+        """The source samples this window's two resamples read, zeros outside the file."""
+        mono = audio.waves[audio.source_rate]
+        first, end = slice_bounds(list(self.config.spans(audio.source_rate, len(mono), window.start_s)))
+        row = block.wave_row(end - first)
+        lo, hi = max(first, 0), min(end, len(mono))
+        row[:lo - first] = 0.0
+        row[lo - first:hi - first] = mono[lo:hi]
+        row[hi - first:] = 0.0
+        block.wave_first.append(first)
+        block.source_frames.append(len(mono))
 
 
 _EXTRACTORS: dict[tuple, tuple[AstFbank, ClapMel]] = {}

@@ -29,6 +29,7 @@ from pipeline.store.lease import Lease
 from pipeline.store.ledger import committed_identity, not_transient
 from pipeline.checkpoints import DEFAULT_AST, DEFAULT_CLAP, DEFAULT_PROMPT, describe, label_names, loading, model_config
 from pipeline.models.device import resolve_precision
+from pipeline.audio.resample_device import DEVICE_RESAMPLER
 from pipeline.models.embedder import ClapEmbedder, EmbedderConfig
 from pipeline.audio.features_ast import AstFbankConfig
 from pipeline.audio.features_clap import ClapMelConfig
@@ -113,10 +114,12 @@ def model_stages(cfg: TagJobConfig, plan: ResourcePlan, table_precision: str | N
     micro_batch = cfg.micro_batch or plan.micro_batch
     precision = (table_precision if cfg.precision == "auto" and table_precision else
                  resolve_precision(cfg.precision, plan.gpus_per_actor > 0))
+    windows = featurize.windows
     tagger = TaggerConfig(cfg.ast_model, ast_fb.max_length, ast_fb.num_mel_bins, micro_batch,
-                          plan.ast_threads, precision, ast_fb if on_actors else None)
+                          plan.ast_threads, precision, ast_fb if on_actors else None, windows.ast_window_s)
     embedder = EmbedderConfig(cfg.clap_model, (clap_mel.channels, clap_mel.num_frames, clap_mel.num_mel_bins),
-                              micro_batch, plan.clap_threads, precision, clap_mel if on_actors else None)
+                              micro_batch, plan.clap_threads, precision, clap_mel if on_actors else None,
+                              windows.clap_window_s)
     return ModelStages(featurize, tagger, embedder)
 
 
@@ -212,6 +215,8 @@ def run_metadata(cfg: TagJobConfig, stages: ModelStages, plan: ResourcePlan) -> 
     and the device are not settings: results are batch-independent, and fp32 on a GPU matches fp32 on CPU,
     within the parity bounds (a few ulps); they are recorded in `compute`."""
     features = {"featurize": _jsonable(asdict(stages.featurize))}
+    if stages.featurize.features_on == "gpu":  # the actors resample (the workers' soxr settings do not apply)
+        features["resample_on_actors"] = DEVICE_RESAMPLER
     with loading("AST", cfg.ast_model):
         ast = describe(cfg.ast_model).to_dict()
     with loading("CLAP", cfg.clap_model):

@@ -20,10 +20,12 @@ from dataclasses import dataclass, replace
 log = logging.getLogger(__name__)
 
 
-# CPU side per clip with features on the CPU / with them on the GPU: 27.6 / 20.7 and 35.3 / 25.6 ms in two
-# interleaved pairs of `benchmarks.cpu_cost` runs (3 run pairs each; cpu_cost_{cpu,gpu}_run{1,2}.json),
-# 1.33 and 1.38: decode and the resamples stay on the CPU and are most of what is left
-GPU_MODE_SPEEDUP = 1.35
+# CPU per clip with features on the CPU / on the GPU, in one session's `benchmarks.cpu_cost` runs
+# (cpu_cost_cpu_run3.json, cpu_cost_gpu_run{3,4,5}.json): featurize tasks and decoder children 20.9 ms /
+# 10.5-11.9 (decode and downmix only; the actors resample), plus Ray and the driver, 4.4 ms a clip at the
+# CPU mode's pace (~0.18 of a core whatever the mode: on a GPU node both modes run at the GPUs' pace), so
+# 25.2 / 14.9-16.2 ms: 1.55-1.69. Decode is what is left on the CPU.
+GPU_MODE_SPEEDUP = 1.6
 # Dense fp16/bf16 tensor peak, TFLOP/s, from the vendors' spec sheets, by Ray accelerator type.
 GPU_PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 70.0, "A100": 312.0, "H100": 989.0}
 # Achieved fraction of peak, measured (issue 13, one H100, random-weight full-size models): weights cast
@@ -37,9 +39,9 @@ FLOPS_PER_WINDOW = 218.5e9         # AST base 206.7 G + CLAP HTSAT-tiny audio 11
 # Ray's ~0.14 of a core that a busier node spreads thinner): ~43 ms per clip at that node's floor, 23 per
 # core-second; 20 leaves room for the model actors' host work (staging copies), not measured on a GPU.
 # Not the one-thread feature rate: Ray, the decoder child, copies and the driver cost CPU too.
-# --features-on gpu leaves decode, downmix and the two resamples on the CPU: the rate there is this one
+# --features-on gpu leaves decode and downmix on the CPU: the rate there is this one
 # times the ratio of the two modes' CPU sides measured on one machine in one session (benchmarks.cpu_cost
-# --features-on cpu / gpu; BENCHMARKS.md, "Features on the GPU").
+# --features-on cpu / gpu; BENCHMARKS.md, "Resampling on the actors").
 FEATURE_WINDOWS_PER_CORE = {"cpu": 20.0, "gpu": 20.0 * GPU_MODE_SPEEDUP}
 CPU_BATCH, GPU_BATCH = 32, 256     # windows per model actor call
 CPU_MICRO, GPU_MICRO = 1, 128      # windows per forward pass: on CPU 1 is as fast as any and never pads;
