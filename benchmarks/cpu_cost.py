@@ -9,7 +9,8 @@ Around each run:
 - whole-machine busy core-seconds from /proc/stat (total minus idle and iowait): counts any other work
   on the machine too;
 - CPU seconds of this process and every descendant (GCS, raylet, workers, decoder children) from
-  /proc/PID/stat (utime + stime + reaped children's), split by role: robust to other work.
+  /proc/PID/stat (utime + stime), sampled every 0.5 s during the run so that a process that exits before
+  its end (the model actors) still counts, split by role: robust to other work.
 Per pair, marginal cost per clip = (busy(large) - busy(small)) / (large - small): start-up, model load
 and the last batch's drain cancel. Reported: the median and [min, max] over the pairs whose two runs
 started the same processes (all pairs, with a warning, if none did).
@@ -19,10 +20,11 @@ CPU side (what a GPU node's CPUs do per clip):
 - gpu mode: min(machine, process tree) less the model actors' (ast_actor, clap_actor) marginal process-tree CPU.
 Both modes also report process tree less the model actors.
 
-The floor, timed in this process on one thread, clip by clip (median CPU time), before the job runs and
-again after (their mean is the denominator): libsndfile decode to float32, soxr HQ to 16 and 48 kHz
+The floor, timed on one thread in a fresh process, clip by clip (median CPU time), before the first pair,
+between pairs and after the last (each pair's ratios use the mean of the two floors around it; the floor
+reported is their median): libsndfile decode to float32, soxr HQ to 16 and 48 kHz
 (one channel), and the bare float32 FFTs both spectrograms need (998 x 512 AST, 1000 x 1024 CLAP).
-Alongside: `floor_one_resample` (benchmarks/features.py's floor), `floor_no_fft` (decode + the two
+Alongside, timed in this process before and after the runs: the floor again, `floor_one_resample` (benchmarks/features.py's floor), `floor_no_fft` (decode + the two
 resamples), `decode_only` (libsndfile's decode: the least a CPU worker does in either mode), our
 Featurize in-process for the mode (no Ray, no child process), the tiny models per
 window, and the object-store bytes per window of Featurize's output tables.
@@ -40,6 +42,7 @@ import logging
 import os
 import platform
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -94,7 +97,7 @@ def role(pid: int) -> str:
 
 
 def tree_cpu() -> dict[int, tuple[str, float]]:
-    """pid -> (role, CPU seconds incl. reaped children) for this process and all its descendants."""
+    """pid -> (role, CPU seconds: its own user + system time) for this process and all its descendants."""
     kids, out, todo = _children(), {}, [os.getpid()]
     while todo:
         pid = todo.pop()
@@ -104,8 +107,43 @@ def tree_cpu() -> dict[int, tuple[str, float]]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        out[pid] = (role(pid), sum(int(v) for v in fields[11:15]) / TICK)  # utime stime cutime cstime
+        out[pid] = (role(pid), sum(int(v) for v in fields[11:13]) / TICK)  # utime stime
     return out
+
+
+class TreeSampler:
+    """Samples tree_cpu() every `every_s` seconds while a run goes on, so that a process that exits before
+    the run's end (a model actor is killed as its run finishes; Ray's parent processes do not add their
+    children's times to their own) still counts, with the CPU of its last sample. `final()` is pid ->
+    (its last role, its last CPU seconds) over every process seen."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s = every_s
+        self.seen: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tree-sampler", daemon=True)
+
+    def __enter__(self) -> "TreeSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._update(tree_cpu())
+
+    def _update(self, sample: dict[int, tuple[str, float]]) -> None:
+        for pid, (name, cpu) in sample.items():
+            if pid in self.seen and name in ("ray_other", "gone"):  # exiting: its command line is gone
+                name = self.seen[pid][0]
+            self.seen[pid] = (name, cpu)
+
+    def final(self) -> dict[int, tuple[str, float]]:
+        self._update(tree_cpu())
+        return dict(self.seen)
 
 
 def tree_delta(before: dict, after: dict) -> dict[str, float]:
@@ -128,8 +166,9 @@ def run_job(root: Path, models: dict, audio: Path, name: str, features_on: str) 
     cfg = job_config(features_on, input=str(audio), output=str(root / "out" / name), ast_model=models["ast"],
                      clap_model=models["clap"])
     tree0, busy0, wall0 = tree_cpu(), machine_busy_s(), time.perf_counter()
-    summary = run_tag_job(cfg)
-    wall, busy, tree1 = time.perf_counter() - wall0, machine_busy_s() - busy0, tree_cpu()
+    with TreeSampler() as sampler:
+        summary = run_tag_job(cfg)
+    wall, busy, tree1 = time.perf_counter() - wall0, machine_busy_s() - busy0, sampler.final()
     if summary["ok"] != summary["files_seen"]:
         raise RuntimeError(f"benchmark job left {summary['error']} error rows: {summary}")
     split = tree_delta(tree0, tree1)
@@ -139,6 +178,41 @@ def run_job(root: Path, models: dict, audio: Path, name: str, features_on: str) 
             started[name] = started.get(name, 0) + 1
     return {"files": summary["files_seen"], "wall_s": wall, "machine_busy_s": busy,
             "tree_cpu_s": sum(split.values()), "tree_split_s": split, "processes_started": started}
+
+
+def floor_once(data: bytes, zeros, both: bool = True, fft: bool = True, resample: bool = True) -> None:
+    """The floor's work for one clip: decode, the resample(s), the bare FFTs (`zeros`: the AST frames)."""
+    import soundfile as sf
+    import soxr
+    import torch
+
+    x, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    if not resample:
+        return
+    if both:
+        soxr.resample(x[:, 0], rate, 16_000, quality="HQ")
+    w48 = soxr.resample(x[:, 0], rate, 48_000, quality="HQ")
+    if fft:
+        torch.fft.rfft(zeros)
+        torch.fft.rfft(torch.from_numpy(np.ascontiguousarray(w48[:480_000])).reshape(1000, 480), n=1024)
+
+
+def fresh_floor_ms(files: list[Path], repeats: int = 3) -> float:
+    """The floor alone, median one-thread CPU ms per clip, timed in a fresh process: in a process that
+    has run other work the same code read up to 2x more (allocator state: page faults count as CPU)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_floor_ms_here, (files, repeats))
+
+
+def _floor_ms_here(files: list[Path], repeats: int) -> float:
+    import torch
+
+    datas, zeros = [f.read_bytes() for f in files], torch.zeros((998, 512))
+    times = {"floor": []}
+    _time_all({"floor": lambda i: floor_once(datas[i], zeros)}, times, len(datas), repeats)
+    return float(np.median(times["floor"])) * 1000
 
 
 def floor_and_parts(files: list[Path], models: dict, features_on: str, repeats: int = 3) -> dict:
@@ -161,16 +235,8 @@ def floor_and_parts(files: list[Path], models: dict, features_on: str, repeats: 
     datas = [f.read_bytes() for f in files]
     zeros = torch.zeros((998, 512))
 
-    def floor(data: bytes, both: bool = True, fft: bool = True, resample: bool = True) -> None:
-        x, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        if not resample:
-            return
-        if both:
-            soxr.resample(x[:, 0], rate, 16_000, quality="HQ")
-        w48 = soxr.resample(x[:, 0], rate, 48_000, quality="HQ")
-        if fft:
-            torch.fft.rfft(zeros)
-            torch.fft.rfft(torch.from_numpy(np.ascontiguousarray(w48[:480_000])).reshape(1000, 480), n=1024)
+    def floor(data: bytes, **parts) -> None:
+        floor_once(data, zeros, **parts)
 
     cfg = job_config(features_on, input=str(files[0].parent), output="unused", ast_model=models["ast"],
                      clap_model=models["clap"])
@@ -247,6 +313,7 @@ def main(argv=None) -> int:
         floor_files = sorted((root / "large").iterdir())[:args.floor_clips]
         before = floor_and_parts(floor_files, models, mode)
         log.info("one thread, ms per clip, before: %s", {k: round(v, 2) for k, v in before["ms"].items()})
+        floors = [fresh_floor_ms(floor_files)]
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         for w in range(args.warm):  # worker imports, page cache
             run_job(root, models, root / "small", f"warm-{w}", mode)
@@ -258,16 +325,20 @@ def main(argv=None) -> int:
                 log.info("pair %d, %d files: %s", r, n, {k: (round(v, 2) if isinstance(v, float) else v)
                                                          for k, v in pair[sub].items() if k != "tree_split_s"})
             pairs.append(pair)
+            if r < args.pairs - 1:  # the machine's speed drifts: each pair is set against the floor around it
+                floors.append(fresh_floor_ms(floor_files))
+                log.info("floor between pairs %d and %d: %.2f ms", r, r + 1, floors[-1])
         ray.shutdown()
         after = floor_and_parts(floor_files, models, mode)
         log.info("one thread, ms per clip, after: %s", {k: round(v, 2) for k, v in after["ms"].items()})
+        floors.append(fresh_floor_ms(floor_files))
     result = {"features_on": mode,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}".strip(", "),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_avg_1min_at_end": os.getloadavg()[0], "clip": "10 s, 44.1 kHz stereo FLAC",
               "models": "tiny random-weight AST + CLAP", "sizes": [small, large], "pairs": args.pairs,
               "warm_runs": args.warm, "floor_clips": len(floor_files)}
-    result.update(summarise(pairs, small, large, before, after, mode))
+    result.update(summarise(pairs, small, large, before, after, mode, floors))
     report(result)
     out = Path(args.out or f"benchmarks/results/cpu_cost_{mode}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +371,8 @@ def pair_figures(pair: dict, small: int, large: int, floor_ms: float, models_ms:
     steady = (large - small) / (l["wall_s"] - s["wall_s"])
     return {"machine": machine, "process_tree": tree, "model_actors": actors, "tree_minus_actors": tree - actors,
             "cpu_side": cpu_side, "ratio_cpu_side_over_floor": cpu_side / floor_ms, "featurize": featurize,
-            "ratio_featurize_over_floor": featurize / floor_ms, "ray_and_driver": ray_ms,
+            "ratio_featurize_over_floor": featurize / floor_ms,
+            "ratio_tree_minus_actors_over_floor": (tree - actors) / floor_ms, "ray_and_driver": ray_ms,
             "ray_and_driver_cores": ray_ms * steady / 1000, "steady_clips_per_s": steady, "split": split}
 
 
@@ -309,11 +381,15 @@ def _stat(values: list[float], digits: int = 2) -> dict:
             "max": round(float(max(values)), digits)}
 
 
-def summarise(pairs: list[dict], small: int, large: int, before: dict, after: dict, mode: str) -> dict:
+def summarise(pairs: list[dict], small: int, large: int, before: dict, after: dict, mode: str,
+              floors: list[float]) -> dict:
+    """`floors`: the floor measured before the first pair, between pairs and after the last (ms per clip);
+    each pair's ratios use the mean of the two around it, and the floor reported is their median."""
     parts = {k: (before["ms"][k] + after["ms"][k]) / 2 for k in before["ms"]}
-    floor_ms = parts["floor"]
+    floor_ms = float(np.median(floors))
     models_ms = parts["tiny_ast_per_window"] + parts["tiny_clap_per_window"]  # one window per clip
-    figures = [pair_figures(p, small, large, floor_ms, models_ms, mode) for p in pairs]
+    figures = [pair_figures(p, small, large, (floors[i] + floors[i + 1]) / 2, models_ms, mode)
+               for i, p in enumerate(pairs)]
     # a process started during a run adds its start-up (a task worker importing torch and the pipeline:
     # ~2.6 s of CPU) to that run; only pairs whose two runs started the same processes cancel it
     matched = [_starts(p["small"]) == _starts(p["large"]) for p in pairs]
@@ -331,6 +407,7 @@ def summarise(pairs: list[dict], small: int, large: int, before: dict, after: di
         "ratio_cpu_side_over_floor": stat("ratio_cpu_side_over_floor", 3),
         "featurize_ms_per_clip": stat("featurize"),
         "ratio_featurize_over_floor": stat("ratio_featurize_over_floor", 3),
+        "ratio_tree_minus_actors_over_floor": stat("ratio_tree_minus_actors_over_floor", 3),
         "ray_and_driver_ms_per_clip": stat("ray_and_driver"),
         "ray_and_driver_cores": stat("ray_and_driver_cores", 3),
         "steady_clips_per_s": stat("steady_clips_per_s"),
@@ -348,8 +425,9 @@ def summarise(pairs: list[dict], small: int, large: int, before: dict, after: di
                                                / floor_ms, 3),
         "marginal_split_ms_per_clip": {k: _stat([f["split"].get(k, 0.0) for f in used]) for k in roles},
         "floor_ms_per_clip": round(floor_ms, 2),
-        "floor_ms_per_clip_before": round(before["ms"]["floor"], 2),
-        "floor_ms_per_clip_after": round(after["ms"]["floor"], 2),
+        "floor_ms_per_clip_points": [round(f, 2) for f in floors],
+        "floor_in_process_ms_before": round(before["ms"]["floor"], 2),
+        "floor_in_process_ms_after": round(after["ms"]["floor"], 2),
         "tiny_models_ms_per_window": round(models_ms, 2),
         "object_store_bytes_per_window": round((before["object_store_bytes_per_window"]
                                                 + after["object_store_bytes_per_window"]) / 2),
@@ -392,8 +470,12 @@ def report(result: dict) -> None:
     row("featurize: task workers + decoder children", "featurize_ms_per_clip")
     row("Ray processes and the driver", "ray_and_driver_ms_per_clip")
     print(f"{'floor (decode + 2 resamples + bare FFTs)':<46}{floor:>9.2f}"
-          f"{'before ' + format(r['floor_ms_per_clip_before'], '.2f'):>14}"
-          f"{'after ' + format(r['floor_ms_per_clip_after'], '.2f'):>12}")
+          f"  median of {r['floor_ms_per_clip_points']} (before, between pairs, after)")
+    for label, key in (("CPU side", "ratio_cpu_side_over_floor"), ("process tree less the model actors",
+                                                                   "ratio_tree_minus_actors_over_floor"),
+                       ("featurize", "ratio_featurize_over_floor")):
+        lo, hi = rng[key]
+        print(f"{label + ' / the floor around its pair':<46}{r[key]:>9.3f}{f'[{lo:.3f}, {hi:.3f}]':>20}")
     lo, hi = rng["steady_clips_per_s"]
     print(f"steady state {r['steady_clips_per_s']} clips/s [{lo}, {hi}]; Ray and the driver "
           f"{r['ray_and_driver_cores']} cores; object store {r['object_store_bytes_per_window']} bytes per window"

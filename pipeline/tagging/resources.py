@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 
 
 # CPU per clip with features on the CPU / on the GPU, in one session's `benchmarks.cpu_cost` runs
-# (cpu_cost_cpu_run3.json, cpu_cost_gpu_run{3,4,5}.json): featurize tasks and decoder children 20.9 ms /
-# 10.5-11.9 (decode and downmix only; the actors resample), plus Ray and the driver, 4.4 ms a clip at the
-# CPU mode's pace (~0.18 of a core whatever the mode: on a GPU node both modes run at the GPUs' pace), so
-# 25.2 / 14.9-16.2 ms: 1.55-1.69. Decode is what is left on the CPU.
+# (cpu_cost_cpu_run{3,4,5}.json, cpu_cost_gpu_run{3..7}.json): featurize tasks and decoder children,
+# median 24.7 ms / 11.9 (decode and downmix only; the actors resample), plus Ray and the driver at the
+# CPU mode's ~5 ms a clip (~0.18 of a core whatever the mode: on a GPU node both modes run at the GPUs'
+# pace): 1.8 of the medians; one matched pair of runs gave 1.55-1.69. Decode is what is left on the CPU.
 GPU_MODE_SPEEDUP = 1.6
 # Dense fp16/bf16 tensor peak, TFLOP/s, from the vendors' spec sheets, by Ray accelerator type.
 GPU_PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 70.0, "A100": 312.0, "H100": 989.0}
