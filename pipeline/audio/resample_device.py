@@ -109,16 +109,16 @@ class Resample:
             if offset < 0 or offset + count > slices.shape[1]:
                 raise ValueError(f"row {i}: its slice does not hold samples [{offset}, {offset + count})")
             x = slices[i, offset:offset + count]
-            if o != q:
-                x = torch.nn.functional.conv1d(x.view(1, 1, -1), self._kernel(o, q, width), stride=o)
-                x = x[0].t().reshape(-1)
+            if o != q:  # torchaudio's strided conv1d as a matmul: cuDNN may run float32 convs in TF32
+                x = (x.unfold(0, 2 * width + o, o) @ self._kernel(o, q, width).T).reshape(-1)
             out[i, :length] = x[crop:crop + length]
         return out, torch.tensor([r[6] for r in rows], dtype=torch.int64, device=slices.device)
 
     def _kernel(self, o: int, q: int, width: int) -> torch.Tensor:
+        """(q, 2W + o) filters on the device."""
         key = (o, q, width)
         if key not in self._kernels:
-            self._kernels[key] = kernel(o, q, width).to(self.device)
+            self._kernels[key] = kernel(o, q, width)[:, 0].to(self.device)
         return self._kernels[key]
 
 
