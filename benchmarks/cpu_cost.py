@@ -42,13 +42,13 @@ import logging
 import os
 import platform
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.corpus import make_corpus
+from benchmarks.proctree import Sampling, descendants
 
 log = logging.getLogger("benchmarks.cpu_cost")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -61,19 +61,6 @@ def machine_busy_s() -> float:
         fields = [int(v) for v in f.readline().split()[1:]]
     idle = fields[3] + fields[4]
     return (sum(fields[:8]) - idle) / TICK  # user nice system idle iowait irq softirq steal
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(entry))
-    return kids
 
 
 def role(pid: int) -> str:
@@ -98,10 +85,8 @@ def role(pid: int) -> str:
 
 def tree_cpu() -> dict[int, tuple[str, float]]:
     """pid -> (role, CPU seconds: its own user + system time) for this process and all its descendants."""
-    kids, out, todo = _children(), {}, [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        todo.extend(kids.get(pid, []))
+    out = {}
+    for pid in descendants(os.getpid()):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -111,39 +96,21 @@ def tree_cpu() -> dict[int, tuple[str, float]]:
     return out
 
 
-class TreeSampler:
-    """Samples tree_cpu() every `every_s` seconds while a run goes on, so that a process that exits before
-    the run's end (a model actor is killed as its run finishes; Ray's parent processes do not add their
-    children's times to their own) still counts, with the CPU of its last sample. `final()` is pid ->
+class TreeSampler(Sampling):
+    """Samples tree_cpu() every `interval_s` seconds while a run goes on, so that a process that exits
+    before the run's end (a model actor is killed as its run finishes; Ray's parent processes do not add
+    their children's times to their own) still counts, with the CPU of its last sample. `seen`: pid ->
     (its last role, its last CPU seconds) over every process seen."""
 
-    def __init__(self, every_s: float = 0.5):
-        self.every_s = every_s
+    def __init__(self, interval_s: float = 0.5):
+        super().__init__(interval_s)
         self.seen: dict[int, tuple[str, float]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tree-sampler", daemon=True)
 
-    def __enter__(self) -> "TreeSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self._update(tree_cpu())
-
-    def _update(self, sample: dict[int, tuple[str, float]]) -> None:
-        for pid, (name, cpu) in sample.items():
+    def sample(self) -> None:
+        for pid, (name, cpu) in tree_cpu().items():
             if pid in self.seen and name in ("ray_other", "gone"):  # exiting: its command line is gone
                 name = self.seen[pid][0]
             self.seen[pid] = (name, cpu)
-
-    def final(self) -> dict[int, tuple[str, float]]:
-        self._update(tree_cpu())
-        return dict(self.seen)
 
 
 def tree_delta(before: dict, after: dict) -> dict[str, float]:
@@ -168,7 +135,7 @@ def run_job(root: Path, models: dict, audio: Path, name: str, features_on: str) 
     tree0, busy0, wall0 = tree_cpu(), machine_busy_s(), time.perf_counter()
     with TreeSampler() as sampler:
         summary = run_tag_job(cfg)
-    wall, busy, tree1 = time.perf_counter() - wall0, machine_busy_s() - busy0, sampler.final()
+    wall, busy, tree1 = time.perf_counter() - wall0, machine_busy_s() - busy0, sampler.seen
     if summary["ok"] != summary["files_seen"]:
         raise RuntimeError(f"benchmark job left {summary['error']} error rows: {summary}")
     split = tree_delta(tree0, tree1)

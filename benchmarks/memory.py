@@ -19,24 +19,12 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from benchmarks.proctree import Sampling, descendants
+
 log = logging.getLogger("benchmarks.memory")
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
 
 
 def _pss_kb(pid: int) -> int:
@@ -49,34 +37,18 @@ def _pss_kb(pid: int) -> int:
 
 def tree_pss_mb(root: int) -> float:
     """PSS in MB of `root` and all its descendants."""
-    tree, pending, total = _children(), [root], 0
-    while pending:
-        pid = pending.pop()
-        total += _pss_kb(pid)
-        pending.extend(tree.get(pid, ()))
-    return total / 1024
+    return sum(_pss_kb(pid) for pid in descendants(root)) / 1024
 
 
-class PeakMemory:
+class PeakMemory(Sampling):
     """Context manager: samples tree_pss_mb(pid) in a thread; `peak_mb` when done."""
 
     def __init__(self, pid: int | None = None, interval_s: float = 0.2):
-        self.pid, self.interval_s, self.peak_mb = pid or os.getpid(), interval_s, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval_s)
+        self.pid, self.peak_mb = pid or os.getpid(), 0.0
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, tree_pss_mb(self.pid))
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        self.peak_mb = max(self.peak_mb, tree_pss_mb(self.pid))
 
 
 def _run_one(files: int, root: Path) -> None:
