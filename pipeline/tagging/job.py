@@ -186,11 +186,20 @@ def build_dataset(source: pa.Table | ray.actor.ActorHandle, stages: ModelStages,
     )
     if sink is None:
         return dataset
-    # short tasks (aggregate ~7 KB per window, write two zstd Parquet parts); their own remote args keep
-    # them out of the CLAP actors, whose next batch they would otherwise delay. With a feed the featurize
-    # tasks hold every CPU the actors leave for the whole run: the sink tasks then ask for none
-    return dataset.map_batches(WriteResults(sink), batch_format="pyarrow", batch_size=sink_batch,
-                               num_cpus=0.25 if isinstance(source, pa.Table) else 0)
+    # Long-lived sink actors (aggregate ~7 KB per window, write two zstd Parquet parts), asking for no CPU:
+    # the featurize tasks hold every CPU the model actors leave. Not tasks: with every CPU's worker busy,
+    # each sink task found no idle worker, and Ray stops a surplus worker after 1 s idle, so sink tasks
+    # further apart than that each started a worker process (~2.5 s of CPU: 3-7 ms a clip in
+    # benchmarks.cpu_cost, where a run is 800 clips). The pool grows from one with the queue.
+    return dataset.map_batches(WriteResults, fn_constructor_args=(sink,), batch_format="pyarrow",
+                               batch_size=sink_batch, num_cpus=0,
+                               compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sink_actors(cpus)))
+
+
+def sink_actors(cpus: int) -> int:
+    """Most sink actors a run grows to: one aggregates and writes ~7,800 one-window files per CPU-second
+    (BENCHMARKS.md, "The driver's ceiling"; 8 H100s take ~8,800 windows/s), so one per 64 CPUs, at least one."""
+    return max(1, math.ceil(cpus / 64))
 
 
 FEED_TAKE = 16   # files a featurize task takes from the feed at a time

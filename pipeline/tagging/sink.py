@@ -1,6 +1,6 @@
 """Stages 6-7 on the workers: window rows (after both models) -> clips and segments part files.
 
-`WriteResults` runs as a Ray Data task after the CLAP actors. It aggregates the windows of every file
+`WriteResults` runs in Ray Data actors after the CLAP actors (a small pool: pipeline/tagging/job.py). It aggregates the windows of every file
 that is whole in its batch (`pipeline.tagging.aggregate.ClipAggregator`), writes their segments part, then their
 clips part (a complete clips part never names a clip whose
 windows are not in a complete segments part), and returns one small row per batch to the driver: the
@@ -13,7 +13,7 @@ part files written, the batch's summary counts, and two rare kinds of leftovers 
 
 So the driver receives ~1 row per batch instead of every window's 7 KB of scores and embeddings, and its
 CPU stays flat as workers are added (benchmarks/driver.py measures both). Part names are derived from the
-batch's (clip_id, segment_index) content: a retried task rewrites the same part instead of adding a copy.
+batch's (clip_id, segment_index) content: a retried batch rewrites the same part instead of adding a copy.
 """
 
 from __future__ import annotations
