@@ -73,7 +73,7 @@ def role(pid: int) -> str:
     except OSError:
         return "gone"
     for key, name in (("pipeline.tagging.isolation", "decoder_child"), ("gcs_server", "ray_gcs"), ("raylet", "raylet"),
-                      ("WriteResults", "sink_task"),  # a task worker's title names the task it runs now
+                      ("WriteResults", "sink_task"),  # the sink actors (a task worker's title names its task)
                       ("Featurize", "featurize_worker"), ("ray::IDLE", "featurize_worker"),  # idle task workers
                       ("AstTagger", "ast_actor"), ("ClapEmbedder", "clap_actor"),
                       ("DashboardAgent", "ray_agents"), ("RuntimeEnvAgent", "ray_agents"),
