@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # median 24.7 ms / 11.9 (decode and downmix only; the actors resample), plus Ray and the driver at the
 # CPU mode's ~5 ms a clip (~0.18 of a core whatever the mode: on a GPU node both modes run at the GPUs'
 # pace): 1.8 of the medians; one matched pair of runs gave 1.55-1.69. Decode is what is left on the CPU.
+# With the sink as actors (cpu_cost_{cpu,gpu}_sinkactor_run{1,2,3}.json, every pair matched): 32.8 / 17.1
+# ms, and with Ray and the driver at the CPU mode's ~8 ms, 1.6.
 GPU_MODE_SPEEDUP = 1.6
 # Dense fp16/bf16 tensor peak, TFLOP/s, from the vendors' spec sheets, by Ray accelerator type.
 GPU_PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 70.0, "A100": 312.0, "H100": 989.0}
