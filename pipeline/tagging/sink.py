@@ -1,7 +1,7 @@
 """Stages 6-7 on the workers: window rows (after both models) -> clips and segments part files.
 
-`WriteResults` runs in Ray Data actors after the CLAP actors (a small pool: pipeline/tagging/job.py). It aggregates the windows of every file
-that is whole in its batch (`pipeline.tagging.aggregate.ClipAggregator`), writes their segments part, then their
+`WriteResults` runs in Ray Data actors after the CLAP actors (a small pool: pipeline/tagging/job.py).
+It aggregates the windows of every file that is whole in its batch (`pipeline.tagging.aggregate.ClipAggregator`), writes their segments part, then their
 clips part (a complete clips part never names a clip whose
 windows are not in a complete segments part), and returns one small row per batch to the driver: the
 part files written, the batch's summary counts, and two rare kinds of leftovers as Arrow IPC bytes:
