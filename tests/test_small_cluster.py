@@ -80,14 +80,16 @@ def test_over_a_feed_a_stuck_stage_fails_and_a_slow_listing_does_not(two_one_cpu
             pass
     assert "ast_cpus=2.0" in str(err.value) and time.monotonic() - started < 90
 
+    # 16 s: once the file is fed, a featurize worker may have to start (torch and the pipeline imported)
+    # and the row go through; 8 s was not always enough on a loaded 2-core machine
     def slow_listing():
-        time.sleep(20)   # 2.5x the timeout with nothing to feed
+        time.sleep(24)   # 1.5x the timeout with nothing to feed
         yield files
 
     plan = plan_resources(node_shapes())
     feed = FileFeed.remote(100)
     listing = Listing(feed, slow_listing())
     listing.start()
-    rows = pa.concat_tables(list(_stream(build_dataset(feed, model_stages(cfg, plan), plan, 4), 8, plan, listing)))
+    rows = pa.concat_tables(list(_stream(build_dataset(feed, model_stages(cfg, plan), plan, 4), 16, plan, listing)))
     assert rows.column("clip_id").to_pylist() == ["x"] and rows.column("status").to_pylist() == ["error"]
     assert listing.result() == 1
