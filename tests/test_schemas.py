@@ -98,6 +98,20 @@ def test_part_files_hold_lists_and_read_back_as_the_declared_fixed_size_lists(tm
     assert batch.schema.field("clap_embedding").type == pa.list_(pa.float32(), 2)
 
 
+def test_part_files_keep_dictionaries_for_names_and_none_for_model_outputs(tmp_path):
+    """Scores and embeddings hardly repeat a value: a dictionary only costs time and bytes there."""
+    writer = PartWriter(str(tmp_path), "clips", "run1", SCHEMA, {})
+    writer.write(_ok_and_error_rows())
+    writer.flush()
+    row_group = pq.ParquetFile(writer.files[0]).metadata.row_group(0)
+    encodings = {row_group.column(i).path_in_schema: row_group.column(i).encodings
+                 for i in range(row_group.num_columns)}
+    dictionary = {path for path, used in encodings.items() if any("DICTIONARY" in e for e in used)}
+    assert {"clip_id", "status", "labels.list.element.label", "run_id"} <= dictionary
+    assert not dictionary & {"scores.list.element", "ast_embedding.list.element", "clap_embedding.list.element",
+                             "labels.list.element.score", "zero_shot.list.element.score"}
+
+
 def test_a_writer_refuses_a_vector_of_another_width(tmp_path):
     writer = PartWriter(str(tmp_path), "clips", "run1", clips_schema(num_labels=4, ast_dim=4, clap_dim=2), {})
     with pytest.raises(SchemaError, match="scores"):

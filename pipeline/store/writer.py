@@ -96,13 +96,30 @@ def write_part(fs, directory: str, name: str, table: pa.Table) -> str:
     try:
         fs.makedirs(directory, exist_ok=True)
         with fs.open(temp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, compression="zstd", use_dictionary=dictionary_columns(table.schema))
         fs.mv(temp, final)
     except OSError as e:
         remove_quietly(fs, temp)
         raise OutputError(f"cannot write results to {directory}: {e}. The shard in flight is not committed "
                           "(earlier shards are); the next run processes its files again") from e
     return final
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Parquet leaf columns to dictionary-encode: all but the floats inside lists (scores, embeddings and
+    the top-k labels' scores). Model outputs hardly ever repeat a value, so a dictionary only adds a hash
+    of every value and a dictionary page: it made the parts 1.6x larger and their writes ~4x slower
+    (BENCHMARKS.md, "Part files without float dictionaries")."""
+    def leaves(path: str, type_: pa.DataType, in_list: bool):
+        if pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_fixed_size_list(type_):
+            yield from leaves(f"{path}.list.element", type_.value_type, True)
+        elif pa.types.is_struct(type_):
+            for field in type_:
+                yield from leaves(f"{path}.{field.name}", field.type, in_list)
+        elif not (in_list and pa.types.is_floating(type_)):
+            yield path
+
+    return [leaf for field in schema for leaf in leaves(field.name, field.type, False)]
 
 
 def remove_quietly(fs, path: str) -> None:
