@@ -1,7 +1,7 @@
 """Run every benchmark back to back and write benchmarks/results/*.json:
 
     python -m benchmarks          # features, GPU sizing, job throughput (tiny models), CPU cost per clip,
-                                  # driver ceiling, listing, memory at 1x/10x, search at 100k (~15 min on 2 cores)
+                                  # driver ceiling, part files, listing, memory at 1x/10x, search at 100k (~15 min on 2 cores)
     python -m benchmarks --full   # also full-size models (job, model-only bound, precision options,
                                   # naive loop), the one-node benchmark and search at 1M (~40 min more)
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from benchmarks import cpu_cost, driver, features, gpu_sizing, job_throughput, listing, memory, models, node, search
+from benchmarks import (cpu_cost, driver, features, gpu_sizing, job_throughput, listing, memory, models, node, part_files,
+                        search)
 
 log = logging.getLogger("benchmarks")
 
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
         node.main([])
     log.info("== the driver's aggregate-and-write ceiling and the skip check ==")
     driver.main([])
+    log.info("== part files: Parquet writes and reads with and without float dictionaries ==")
+    part_files.main([])
     log.info("== listing a manifest and the skip check, streamed (100k rows; --rows 10000000 by hand) ==")
     listing.main([])
     log.info("== peak memory of a job at 1x and 10x corpus size ==")

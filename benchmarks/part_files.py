@@ -5,9 +5,9 @@ The sink writes a segments part and a clips part per batch (pipeline/tagging/sin
 256 one-window files with the published widths (527 scores, 768 + 512 embedding floats), random values
 as the tiny models give (real scores and embeddings hardly repeat a value either), with pyarrow's
 default (every column dictionary-encoded) and with `dictionary_columns` (no dictionary for floats in
-lists); also the sink's whole call (`WriteResults`: aggregate, both writes) per window, and reading the
-three vector columns back (what an index build reads). Median one-thread CPU ms over `--repeats` calls,
-the median and range over `--runs` runs.
+lists); also the sink's whole call (`WriteResults`: aggregate, both writes, to local disk) per window with
+each, and reading the three vector columns back (what an index build reads). Median one-thread CPU ms
+over `--repeats` calls, the median and range over `--runs` runs.
 
     python -m benchmarks.part_files [--runs 3] [--repeats 7]
 """
@@ -62,6 +62,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 def one_run(repeats: int) -> dict:
     from benchmarks.features import one_thread
+    from pipeline.store import writer
     from pipeline.store.writer import dictionary_columns
     from pipeline.tagging.sink import WriteResults
 
@@ -88,7 +89,12 @@ def one_run(repeats: int) -> dict:
                 row[mode] = {"write_ms_per_window": write_ms / windows, "read_vectors_ms_per_window": read_ms / windows,
                              "bytes_per_window": sum(len(f) for f in files.values()) / windows}
             sink_call = WriteResults(sink)
-            row["sink_call_ms_per_window"] = _median_ms(lambda: sink_call(batch), repeats) / windows
+            for mode in ("every_column", "no_float_lists"):  # the sink's writes, as before and as now
+                writer.dictionary_columns = (lambda schema: True) if mode == "every_column" else dictionary_columns
+                try:
+                    row[mode]["sink_call_ms_per_window"] = _median_ms(lambda: sink_call(batch), repeats) / windows
+                finally:
+                    writer.dictionary_columns = dictionary_columns
             out[str(windows)] = row
     return out
 
@@ -115,16 +121,14 @@ def main(argv=None) -> int:
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "runs": args.runs,
               "repeats": args.repeats, "pyarrow": pa.__version__, "figures": summarize(runs), "per_run": runs}
     f = result["figures"]
-    print(f"{'windows/batch':>13} {'dictionaries':>15} {'write ms/window':>22} {'read vectors ms/window':>24} "
-          f"{'bytes/window':>14}")
+    print(f"{'windows/batch':>13} {'dictionaries':>15} {'write ms/window':>22} {'sink call ms/window':>22} "
+          f"{'read vectors ms/window':>24} {'bytes/window':>14}")
     for windows in map(str, BATCHES):
         for mode in ("every_column", "no_float_lists"):
             r = f[windows][mode]
-            w, rd, b = r["write_ms_per_window"], r["read_vectors_ms_per_window"], r["bytes_per_window"]
-            print(f"{windows:>13} {mode:>15} {w['median']:>8.3f} [{w['min']:.3f}, {w['max']:.3f}] "
-                  f"{rd['median']:>10.3f} [{rd['min']:.3f}, {rd['max']:.3f}] {b['median']:>14,.0f}")
-        s = f[windows]["sink_call_ms_per_window"]
-        print(f"{windows:>13} sink call (this code): {s['median']:.3f} ms a window [{s['min']:.3f}, {s['max']:.3f}]")
+            cells = [r[k] for k in ("write_ms_per_window", "sink_call_ms_per_window", "read_vectors_ms_per_window")]
+            print(f"{windows:>13} {mode:>15} " + " ".join(f"{c['median']:>8.3f} [{c['min']:.3f}, {c['max']:.3f}]"
+                                                         for c in cells) + f" {r['bytes_per_window']['median']:>14,.0f}")
     write_result(args.out, result)
     return 0
 
