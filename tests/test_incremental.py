@@ -179,10 +179,16 @@ def test_killed_driver_then_rerun_gives_every_file_once(checkpoints, tmp_path):
     stdout, stderr = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, stderr.decode()[-3000:]
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
-    logging.getLogger(__name__).info("rerun after kill (%d files committed before it): %s", committed, summary)
-    assert (summary["processed"], summary["skipped_unchanged"]) == (40 - committed, committed)
+    # a kill between a shard's segments and clips commits leaves that shard for the rerun to finish from
+    # what its segments commit recorded (store/delta.recover): its files are then the killed run's, done
+    recovered = b"left half-committed" in stderr
     current = _assert_every_clip_whole(out, 40)
-    assert (current.run_id == "rerun").sum() == 40 - committed and set(current.run_id) <= {"killed", "rerun"}
+    finished = int((current.run_id == "killed").sum())
+    logging.getLogger(__name__).info("rerun after kill (%d files committed before it, %d after recovery: %s): %s",
+                                     committed, finished, recovered, summary)
+    assert finished == committed or (recovered and committed < finished < 40)
+    assert (summary["processed"], summary["skipped_unchanged"]) == (40 - finished, finished)
+    assert (current.run_id == "rerun").sum() == 40 - finished and set(current.run_id) <= {"killed", "rerun"}
 
 
 def test_killed_worker_mid_run_loses_nothing(job):
