@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m jobs.demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=15 tests
 
 test-lowest: $(LOWEST_STAMP)
 	$(LOWEST)/bin/python -m pytest -q $(LOWEST_TESTS)
