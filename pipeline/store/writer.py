@@ -108,7 +108,7 @@ def write_part(fs, directory: str, name: str, table: pa.Table) -> str:
 def dictionary_columns(schema: pa.Schema) -> list[str]:
     """Parquet leaf columns to dictionary-encode: all but the floats inside lists (scores, embeddings and
     the top-k labels' scores). Model outputs hardly ever repeat a value, so a dictionary only adds a hash
-    of every value and a dictionary page: it made the parts 1.6x larger and their writes ~4x slower
+    of every value and a dictionary page: it made the parts 1.6x larger and their writes 2-4x slower
     (BENCHMARKS.md, "Part files without float dictionaries")."""
     def leaves(path: str, type_: pa.DataType, in_list: bool):
         if pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_fixed_size_list(type_):
