@@ -27,8 +27,6 @@ import pyarrow.parquet as pq
 
 from benchmarks import machine, write_result
 
-log = logging.getLogger("benchmarks")
-
 BATCHES = (32, 256)  # windows per sink call: CPU_BATCH, GPU_BATCH
 VECTORS = ["scores", "ast_embedding", "clap_embedding"]
 
