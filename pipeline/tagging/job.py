@@ -197,8 +197,9 @@ def build_dataset(source: pa.Table | ray.actor.ActorHandle, stages: ModelStages,
 
 
 def sink_actors(cpus: int) -> int:
-    """Most sink actors a run grows to: one aggregates and writes ~7,800 one-window files per CPU-second
-    (BENCHMARKS.md, "The driver's ceiling"; 8 H100s take ~8,800 windows/s), so one per 64 CPUs, at least one."""
+    """Most sink actors a run grows to: one aggregates and writes ~5,900 one-window files per CPU-second in
+    256-window batches (`benchmarks/results/part_files.json`, the sink call; 8 H100s take ~8,800 windows/s),
+    so one per 64 CPUs, at least one."""
     return max(1, math.ceil(cpus / 64))
 
 

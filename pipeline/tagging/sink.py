@@ -1,10 +1,10 @@
 """Stages 6-7 on the workers: window rows (after both models) -> clips and segments part files.
 
 `WriteResults` runs in Ray Data actors after the CLAP actors (a small pool: pipeline/tagging/job.py).
-It aggregates the windows of every file that is whole in its batch (`pipeline.tagging.aggregate.ClipAggregator`), writes their segments part, then their
-clips part (a complete clips part never names a clip whose
-windows are not in a complete segments part), and returns one small row per batch to the driver: the
-part files written, the batch's summary counts, and two rare kinds of leftovers as Arrow IPC bytes:
+It aggregates the windows of every file that is whole in its batch (`aggregate.ClipAggregator`), writes
+their segments part, then their clips part (a complete clips part never names a clip whose windows are
+not in a complete segments part), and returns one small row per batch to the driver: the part files
+written, the batch's summary counts, and two rare kinds of leftovers as Arrow IPC bytes:
 - the running state of files whose windows were split across batches (max of scores, sums of embeddings,
   segment indices seen: ~14 KB, whatever the number of windows); their windows are written here too, in
   a part of their own per file ("pieces"), and the driver merges the states and writes the clip row once
